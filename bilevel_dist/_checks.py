@@ -1,0 +1,37 @@
+"""Argument checks shared by the constructors: clear errors that name the parameter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    """Returns ``value`` if it is an int ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """Returns ``value`` as a float if it is finite and ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+def unit_interval(name: str, value: Any) -> float:
+    """Returns ``value`` if it lies in ``[0, 1)``."""
+    value = positive_float(name, value, allow_zero=True)
+    if value >= 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return value
+
+
+def optional_tol(name: str, value: Any) -> float | None:
+    """``None`` or a finite tolerance ``>= 0``."""
+    return None if value is None else positive_float(name, value, allow_zero=True)
