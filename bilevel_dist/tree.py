@@ -7,17 +7,10 @@ return a 0-d tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 Tree = dict[str, Tensor]
-
-
-def tree_map(fn: Callable[..., Tensor], tree: Tree, *rest: Tree) -> Tree:
-    """Applies ``fn`` key by key to one or more trees with the same keys."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 
 
 def add(a: Tree, b: Tree) -> Tree:
