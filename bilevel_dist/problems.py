@@ -87,3 +87,227 @@ class RidgeRegression:
     def lipschitz(self, outer: Tree) -> float:
         """The largest eigenvalue of ``∇²_ww g``, for a ``1/L`` step."""
         return float(torch.linalg.eigvalsh(self._system(outer)).max())
+
+
+def _symmetric_noise(gen: torch.Generator, count: int, dim: int, scale: float, dtype: torch.dtype) -> Tensor:
+    """``count`` symmetric matrices that sum to zero, so per-sample terms average to the mean."""
+    noise = torch.randn(count, dim, dim, generator=gen, dtype=dtype) * scale / dim**0.5
+    noise = 0.5 * (noise + noise.transpose(1, 2))
+    return noise - noise.mean(0)
+
+
+@dataclass
+class FiniteSumQuadratic:
+    """The finite-sum quadratic of benchopt's bilevel benchmark, with closed forms.
+
+    ``g(x, z) = (1/n) Σ_i ½ zᵀA_i z + xᵀB_i z`` and ``f(x, z) = (1/m) Σ_j ½ zᵀC_j z + c_jᵀz + ½ μ_x‖x‖²``.
+    With the means ``A, B, C, c``: ``z*(x) = −A⁻¹Bᵀx``, the value function ``h(x) = f(x, z*(x))``
+    and ``∇h(x) = μ_x x − B A⁻¹ (C z* + c)``. ``A``'s spectrum spans ``[mu_inner, L_inner]``.
+    Batches are ``{"index": sample ids}``; ``None`` means the full sum.
+    """
+
+    a: Tensor
+    b: Tensor
+    c: Tensor
+    c_lin: Tensor
+    mu_outer: float
+
+    @classmethod
+    def make(
+        cls,
+        dim_inner: int = 10,
+        dim_outer: int = 10,
+        n_inner: int = 64,
+        n_outer: int = 64,
+        mu_inner: float = 0.5,
+        L_inner: float = 1.0,
+        mu_outer: float = 1.0,
+        noise: float = 0.1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ) -> FiniteSumQuadratic:
+        """Random rotations of controlled spectra plus zero-mean per-sample perturbations."""
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.linalg.qr(torch.randn(dim_inner, dim_inner, generator=gen, dtype=dtype))[0]
+        a = q @ torch.diag(torch.linspace(mu_inner, L_inner, dim_inner, dtype=dtype)) @ q.T
+        a = a + _symmetric_noise(gen, n_inner, dim_inner, noise, dtype)
+        b = torch.randn(dim_outer, dim_inner, generator=gen, dtype=dtype) / dim_inner**0.5
+        b = b + noise * (lambda e: e - e.mean(0))(
+            torch.randn(n_inner, dim_outer, dim_inner, generator=gen, dtype=dtype)
+        )
+        r = torch.randn(dim_inner, dim_inner, generator=gen, dtype=dtype) / dim_inner**0.5
+        c = (r @ r.T) + _symmetric_noise(gen, n_outer, dim_inner, noise, dtype)
+        c_lin = torch.randn(n_outer, dim_inner, generator=gen, dtype=dtype)
+        return cls(a, b, c, c_lin, mu_outer)
+
+    @staticmethod
+    def _rows(t: Tensor, batch: object) -> Tensor:
+        return t if batch is None else t[batch["index"]]  # type: ignore[index]
+
+    def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        """``g`` on the batch."""
+        z, x = inner["z"], outer["x"]
+        a, b = self._rows(self.a, batch), self._rows(self.b, batch)
+        return (0.5 * torch.einsum("i,nij,j->n", z, a, z) + torch.einsum("i,nij,j->n", x, b, z)).mean()
+
+    def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        """``f`` on the batch."""
+        z, x = inner["z"], outer["x"]
+        c, lin = self._rows(self.c, batch), self._rows(self.c_lin, batch)
+        return (0.5 * torch.einsum("i,nij,j->n", z, c, z) + lin @ z).mean() + 0.5 * self.mu_outer * (x * x).sum()
+
+    @property
+    def problem(self) -> BilevelProblem:
+        """The :class:`BilevelProblem`."""
+        return BilevelProblem(self.inner_loss, self.outer_loss)
+
+    @property
+    def n_inner(self) -> int:
+        """Number of inner samples."""
+        return self.a.shape[0]
+
+    @property
+    def n_outer(self) -> int:
+        """Number of outer samples."""
+        return self.c.shape[0]
+
+    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Batches holding every sample, inner and outer."""
+        return {"index": torch.arange(self.n_inner)}, {"index": torch.arange(self.n_outer)}
+
+    def outer_init(self) -> Tree:
+        """``x = 1``."""
+        return {"x": torch.ones(self.b.shape[1], dtype=self.a.dtype)}
+
+    def inner_init(self) -> Tree:
+        """``z = 0``."""
+        return {"z": torch.zeros(self.a.shape[1], dtype=self.a.dtype)}
+
+    def solution(self, outer: Tree) -> Tree:
+        """``z*(x)``."""
+        return {"z": -torch.linalg.solve(self.a.mean(0), self.b.mean(0).T @ outer["x"])}
+
+    def value(self, outer: Tree) -> float:
+        """``h(x) = f(x, z*(x))``."""
+        return float(self.outer_loss(self.solution(outer), outer))
+
+    def hypergradient(self, outer: Tree) -> Tree:
+        """``∇h(x)`` in closed form."""
+        z = self.solution(outer)["z"]
+        a, b = self.a.mean(0), self.b.mean(0)
+        grad_z = self.c.mean(0) @ z + self.c_lin.mean(0)
+        return {"x": self.mu_outer * outer["x"] - b @ torch.linalg.solve(a, grad_z)}
+
+
+def flip_labels(labels: Tensor, rate: float, classes: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Replaces a ``rate`` fraction of labels (chosen at random) by a uniformly random *different*
+    class; returns the noisy labels and the mask of flipped samples."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"noise rate must lie in [0, 1), got {rate}")
+    flipped = torch.zeros(labels.shape[0], dtype=torch.bool)
+    flipped[torch.randperm(labels.shape[0], generator=generator)[: int(rate * labels.shape[0])]] = True
+    shift = torch.randint(1, classes, labels.shape, generator=generator)
+    return torch.where(flipped, (labels + shift) % classes, labels), flipped
+
+
+@dataclass
+class HyperCleaning:
+    """Data hyper-cleaning (Franceschi et al. 2017) on scikit-learn's bundled 8×8 digits.
+
+    Inner: a linear softmax model ``{"weight", "bias"}`` trained on
+    ``(1/n) Σ_i σ(a_i) CE_i + reg ‖W‖²`` over noisy training labels; outer: one logit ``a_i`` per
+    training sample, judged by the cross-entropy on a small clean validation set. Batches are
+    ``{"index": sample ids}`` into the training (inner) or validation (outer) split.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    flipped: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    reg: float
+
+    @classmethod
+    def make(
+        cls,
+        noise: float = 0.5,
+        n_val: int = 150,
+        n_test: int = 500,
+        reg: float = 1e-3,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ) -> HyperCleaning:
+        """Shuffles the 1,797 digits, splits test / validation / train and flips training labels."""
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(digits.target), generator=gen)
+        x = torch.as_tensor(digits.data, dtype=dtype)[order] / 16.0
+        y = torch.as_tensor(digits.target)[order]
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
+        x = (x - mean) / std
+        test, val, train = slice(0, n_test), slice(n_test, n_test + n_val), slice(n_test + n_val, None)
+        noisy, flipped = flip_labels(y[train], noise, 10, gen)
+        return cls(x[train], noisy, flipped, x[val], y[val], x[test], y[test], reg)
+
+    @staticmethod
+    def _logits(inner: Tree, x: Tensor) -> Tensor:
+        return x @ inner["weight"] + inner["bias"]
+
+    def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        """Weighted training cross-entropy plus ``reg ‖W‖²``."""
+        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        losses = torch.nn.functional.cross_entropy(
+            self._logits(inner, self.x_train[index]), self.y_train[index], reduction="none"
+        )
+        return (torch.sigmoid(outer["logit"][index]) * losses).mean() + self.reg * (inner["weight"] ** 2).sum()
+
+    def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        """Clean validation cross-entropy."""
+        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        return torch.nn.functional.cross_entropy(self._logits(inner, self.x_val[index]), self.y_val[index])
+
+    @property
+    def problem(self) -> BilevelProblem:
+        """The :class:`BilevelProblem`."""
+        return BilevelProblem(self.inner_loss, self.outer_loss)
+
+    @property
+    def n_inner(self) -> int:
+        """Number of training samples."""
+        return self.x_train.shape[0]
+
+    @property
+    def n_outer(self) -> int:
+        """Number of validation samples."""
+        return self.x_val.shape[0]
+
+    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Batches holding every training and every validation sample."""
+        return {"index": torch.arange(self.n_inner)}, {"index": torch.arange(self.n_outer)}
+
+    def outer_init(self) -> Tree:
+        """Every sample weight at ``σ(0) = 0.5``."""
+        return {"logit": torch.zeros(self.n_inner, dtype=self.x_train.dtype)}
+
+    def inner_init(self) -> Tree:
+        """A zero linear model."""
+        dtype = self.x_train.dtype
+        return {"weight": torch.zeros(self.x_train.shape[1], 10, dtype=dtype), "bias": torch.zeros(10, dtype=dtype)}
+
+    def test_error(self, inner: Tree) -> float:
+        """Misclassification rate on the clean test split."""
+        return float((self._logits(inner, self.x_test).argmax(1) != self.y_test).double().mean())
+
+    def fit(self, outer: Tree, steps: int = 2000, lr: float = 1.0) -> Tree:
+        """Trains the inner model to convergence for fixed sample weights (full-batch GD)."""
+        from bilevel_dist.solvers import GD, run
+
+        return run(GD(lr, steps, tol=1e-8), self.problem, self.inner_init(), outer, None).inner
+
+    def unweighted_error(self) -> float:
+        """Test error of the model trained on the corrupted data without weights (all equal)."""
+        return self.test_error(self.fit(self.outer_init()))

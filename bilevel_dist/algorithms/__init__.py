@@ -1,0 +1,51 @@
+"""Bilevel algorithms by name: ``get(name, problem=..., **hparams)``.
+
+Every algorithm has ``init(outer, inner) -> state`` and
+``step(state, inner_batch, outer_batch) -> (state, metrics)``; ``state`` round-trips through
+``torch.save`` / ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bilevel_dist.algorithms.base import Algorithm, Metrics, Oracles, State
+from bilevel_dist.algorithms.double_loop import AID, BSA, HOAG, ITD, AmIGO, StocBiO
+from bilevel_dist.algorithms.first_order import BOME, F2SA, Penalty
+from bilevel_dist.algorithms.single_loop import FSLA, MRBO, SOBA, SUSTAIN, TTSA
+from bilevel_dist.algorithms.variance_reduced import SABA, SRBA, VRBO
+from bilevel_dist.problem import BilevelProblem
+
+REGISTRY: dict[str, type[Algorithm]] = {
+    cls.name: cls
+    for cls in (
+        AID,
+        ITD,
+        StocBiO,
+        AmIGO,
+        BSA,
+        HOAG,
+        TTSA,
+        SOBA,
+        SABA,
+        SRBA,
+        FSLA,
+        MRBO,
+        VRBO,
+        SUSTAIN,
+        Penalty,
+        BOME,
+        F2SA,
+    )
+}
+
+
+def get(name: str, *, problem: BilevelProblem, **hparams: Any) -> Algorithm:
+    """The algorithm registered as ``name`` for ``problem``; ``comm=`` and, for SRBA/VRBO,
+    ``full_batches=`` may be passed beside the hyperparameters."""
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](problem, **hparams)
+
+
+__all__ = ["REGISTRY", "Algorithm", "Metrics", "Oracles", "State", "get"]

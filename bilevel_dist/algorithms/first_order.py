@@ -1,0 +1,171 @@
+"""First-order and penalty algorithms: Penalty (Mehra & Hamm 2021, Alg. 1 with its γ/ε
+schedule), BOME (Ye et al. 2022, value-function dynamic barrier) and F2SA (Kwon et al. 2023)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bilevel_dist import tree
+from bilevel_dist.algorithms.base import (
+    Algorithm,
+    Metrics,
+    State,
+    count,
+    decayed,
+    descend,
+    factor,
+    fraction,
+    lr,
+    norm,
+    zeros,
+)
+from bilevel_dist.tree import Tree
+
+
+def _unit_or_more(name: str, value: Any) -> float:
+    value = factor(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class Penalty(Algorithm):
+    """Mehra & Hamm's Algorithm 1 on ``f̃ = f + γ/2 ‖∇_w g‖²`` (+ ``λ g`` in the w-step and the
+    multiplier term ``⟨∇_w g, ν⟩``, §2.3). ``inner_steps`` w-steps then one x-step; when
+    ``‖∇_x f̃‖² + ‖∇_w f̃‖² ≤ ε²`` holds: ``γ ← c_γ γ``, ``λ ← c_λ λ``, ``ε ← c_ε ε``, then
+    ``ν ← ν + γ ∇_w g`` (the authors' order), and both step sizes shrink by ``lr_decay``.
+
+    Across ranks ``∇_w g`` is averaged before it enters the square (``f + γ⟨∇_w g_r, mean⟩``).
+    """
+
+    name = "penalty"
+    hparams = {
+        "inner_lr": (1e-2, lr),
+        "outer_lr": (1e-2, lr),
+        "inner_steps": (1, count),
+        "gamma": (1.0, factor),
+        "epsilon": (1.0, factor),
+        "gamma_factor": (1.1, _unit_or_more),
+        "epsilon_factor": (0.9, fraction),
+        "lam": (0.0, lambda n, v: factor(n, v) if v else 0.0),
+        "lam_factor": (0.9, fraction),
+        "multiplier": (False, lambda n, v: bool(v)),
+        "lr_decay": (1.0, factor),
+    }
+
+    def init(self, outer: Tree, inner: Tree) -> State:
+        state = super().init(outer, inner)
+        schedule = {"gamma": self.h["gamma"], "epsilon": self.h["epsilon"], "lam": self.h["lam"]}
+        lrs = {"inner_lr": self.h["inner_lr"], "outer_lr": self.h["outer_lr"]}
+        return {**state, **schedule, **lrs, "nu": zeros(inner), "stage_steps": 0}
+
+    def gradients(self, state: State, w: Tree, x: Tree, inner_batch: Any, outer_batch: Any) -> tuple[Tree, ...]:
+        """``(∇_w f̃, ∇_x f̃, ∇_w g)`` at ``(w, x)``, the multiplier and λ terms added."""
+        lin = self.oracles.linearize(w, x, inner_batch)
+        g = lin.grad  # already the mean over ranks: reduced before it is squared
+        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
+        direction = tree.scale(g, state["gamma"])
+        if self.h["multiplier"]:
+            direction = tree.add(direction, state["nu"])
+        hv, jv = lin.both(direction)
+        dw, dx = tree.add(fw, hv), tree.add(fx, jv)
+        return dw, dx, g
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        w, x = state["inner"], state["outer"]
+        for _ in range(self.h["inner_steps"]):
+            dw, _, g = self.gradients(state, w, x, inner_batch, outer_batch)
+            if state["lam"]:
+                dw = tree.axpy(state["lam"], g, dw)
+            w = descend(w, dw, state["inner_lr"])
+        dw, dx, g = self.gradients(state, w, x, inner_batch, outer_batch)
+        x = descend(x, dx, state["outer_lr"])
+        residual = norm(dw) ** 2 + norm(dx) ** 2
+        state = {**state, "inner": w, "outer": x, "t": state["t"] + 1, "stage_steps": state["stage_steps"] + 1}
+        metrics = {"hypergrad_norm": norm(dx), "penalty_gamma": state["gamma"], "penalty_residual": residual**0.5}
+        if residual <= state["epsilon"] ** 2:
+            gamma = state["gamma"] * self.h["gamma_factor"]
+            state |= {
+                "gamma": gamma,
+                "lam": state["lam"] * self.h["lam_factor"],
+                "epsilon": state["epsilon"] * self.h["epsilon_factor"],
+                "inner_lr": state["inner_lr"] / self.h["lr_decay"],
+                "outer_lr": state["outer_lr"] / self.h["lr_decay"],
+                "stage_steps": 0,
+            }
+            if self.h["multiplier"]:
+                state["nu"] = tree.axpy(gamma, g, state["nu"])
+        metrics |= {"inner_grad_norm": norm(g), "penalty_epsilon": state["epsilon"]}
+        return state, metrics
+
+
+class BOME(Algorithm):
+    """BOME: with ``q(x, w) = g(x, w) − g(x, ŵ)`` (``ŵ``: ``inner_steps`` GD steps from ``w``),
+    step ``(x, w)`` along ``∇f + λ∇q``, ``λ = max(η‖∇q‖² − ⟨∇f, ∇q⟩, 0) / ‖∇q‖²``."""
+
+    name = "bome"
+    hparams = {
+        "inner_lr": (0.1, lr),
+        "inner_steps": (10, count),
+        "outer_lr": (0.01, lr),
+        "outer_decay": (0.0, fraction),
+        "eta": (0.5, factor),
+    }
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        w, x = state["inner"], state["outer"]
+        approx = w
+        for _ in range(self.h["inner_steps"]):
+            approx = descend(approx, self.oracles.inner_grad(approx, x, inner_batch), self.h["inner_lr"])
+        gw, gx = self.oracles.inner_grads(w, x, inner_batch)
+        gx_hat = self.oracles.inner_grads(approx, x, inner_batch)[1]
+        qw, qx = gw, tree.sub(gx, gx_hat)
+        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
+        q_sq = float(tree.dot(qw, qw) + tree.dot(qx, qx))
+        inner_product = float(tree.dot(fw, qw) + tree.dot(fx, qx))
+        lam = max(self.h["eta"] * q_sq - inner_product, 0.0) / max(q_sq, 1e-30)
+        dw, dx = tree.axpy(lam, qw, fw), tree.axpy(lam, qx, fx)
+        step = decayed(self.h["outer_lr"], state["t"], self.h["outer_decay"])
+        state = {**state, "inner": descend(w, dw, step), "outer": descend(x, dx, step), "t": state["t"] + 1}
+        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(gw), "bome_lambda": lam}
+
+
+class F2SA(Algorithm):
+    """F2SA: ``z`` tracks ``argmin g``, ``y`` tracks ``argmin f + λg``; the outer direction is
+    ``∇_x f(x, y) + λ(∇_x g(x, y) − ∇_x g(x, z))`` and ``λ`` grows by ``lam_growth`` per step up to
+    ``lam_max``. ``state["inner"]`` is ``z``; the ``y`` step is scaled by ``1/λ`` to stay stable."""
+
+    name = "f2sa"
+    hparams = {
+        "inner_lr": (0.1, lr),
+        "inner_steps": (1, count),
+        "outer_lr": (0.01, lr),
+        "lam": (1.0, factor),
+        "lam_growth": (0.1, lambda n, v: factor(n, v) if v else 0.0),
+        "lam_max": (1e4, factor),
+    }
+
+    def init(self, outer: Tree, inner: Tree) -> State:
+        state = super().init(outer, inner)
+        return {**state, "y": {k: v.clone() for k, v in state["inner"].items()}, "lam": self.h["lam"]}
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        x, z, y, lam = state["outer"], state["inner"], state["y"], state["lam"]
+        step = self.h["inner_lr"]
+        for _ in range(self.h["inner_steps"]):
+            z = descend(z, self.oracles.inner_grad(z, x, inner_batch), step)
+            fy = self.oracles.outer_grads(y, x, outer_batch)[0]
+            y = descend(y, tree.axpy(lam, self.oracles.inner_grad(y, x, inner_batch), fy), step / lam)
+        fx = self.oracles.outer_grads(y, x, outer_batch)[1]
+        gx_y = self.oracles.inner_grads(y, x, inner_batch)[1]
+        gx_z = self.oracles.inner_grads(z, x, inner_batch)[1]
+        d = tree.axpy(lam, tree.sub(gx_y, gx_z), fx)
+        state = {
+            **state,
+            "outer": descend(x, d, self.h["outer_lr"]),
+            "inner": z,
+            "y": y,
+            "lam": min(lam + self.h["lam_growth"], self.h["lam_max"]),
+            "t": state["t"] + 1,
+        }
+        return state, {"hypergrad_norm": norm(d), "f2sa_lambda": lam}

@@ -1,0 +1,183 @@
+"""Single-loop stochastic algorithms: one oracle call of each kind per iteration.
+
+SOBA (Dagréou et al. 2022), TTSA (Hong et al. 2023), FSLA (Li et al. 2022), MRBO (Yang et al. 2021)
+and SUSTAIN (Khanduri et al. 2021). ``v ≈ H⁻¹ ∇_w f`` is either a variable moved by one step on
+the linear system per iteration (SOBA, FSLA) or a Neumann estimate (TTSA, MRBO, SUSTAIN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bilevel_dist import tree
+from bilevel_dist.algorithms.base import (
+    Algorithm,
+    Metrics,
+    State,
+    count,
+    decayed,
+    descend,
+    fraction,
+    hypergradient,
+    lr,
+    norm,
+    zeros,
+)
+from bilevel_dist.linalg import neumann
+from bilevel_dist.tree import Tree
+
+_STEPS = {
+    "inner_lr": (0.1, lr),
+    "outer_lr": (0.01, lr),
+    "inner_decay": (0.0, fraction),
+    "outer_decay": (0.0, fraction),
+}
+
+
+class SingleLoop(Algorithm):
+    """Step sizes ``ρ_t = inner_lr / (t+1)^inner_decay`` and ``γ_t = outer_lr / (t+1)^outer_decay``."""
+
+    def rates(self, t: int) -> tuple[float, float]:
+        return decayed(self.h["inner_lr"], t, self.h["inner_decay"]), decayed(
+            self.h["outer_lr"], t, self.h["outer_decay"]
+        )
+
+    def soba_directions(self, w: Tree, v: Tree, x: Tree, inner_batch: Any, outer_batch: Any) -> tuple[Tree, ...]:
+        """SOBA's three directions at ``(w, v, x)``: ``∇_w g``, ``H v − ∇_w f``, ``∇_x f − J v``."""
+        g, hv, jv, fw, fx = self.oracles.hypergrad_pieces(w, v, x, inner_batch, outer_batch)
+        return g, tree.sub(hv, fw), hypergradient(fx, jv)
+
+    def neumann_directions(self, w: Tree, x: Tree, inner_batch: Any, outer_batch: Any) -> tuple[Tree, Tree]:
+        """``∇_w g`` and the Neumann hypergradient estimate at ``(w, x)``."""
+        lin = self.oracles.linearize(w, x, inner_batch)
+        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
+        alpha = self.h["linear_lr"] or self.h["inner_lr"]
+        v = neumann(lin.hvp, fw, iters=self.h["neumann_terms"], alpha=alpha).solution
+        return lin.grad, hypergradient(fx, lin.mixed(v))
+
+
+class SOBA(SingleLoop):
+    """SOBA: ``w ← w − ρ∇_w g``, ``v ← v − ρ(Hv − ∇_w f)``, ``x ← x − γ(∇_x f − Jv)``, all
+    directions at the current point (Dagréou et al. 2022, Alg. 1)."""
+
+    name = "soba"
+    hparams = _STEPS
+
+    def init(self, outer: Tree, inner: Tree) -> State:
+        return {**super().init(outer, inner), "v": zeros(inner)}
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        t, w, v, x = state["t"], state["inner"], state["v"], state["outer"]
+        rho, gamma = self.rates(t)
+        dw, dv, dx = self.soba_directions(w, v, x, inner_batch, outer_batch)
+        state = {**state, "inner": descend(w, dw, rho), "v": descend(v, dv, rho), "outer": descend(x, dx, gamma)}
+        state["t"] = t + 1
+        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(dw), "linear_residual": norm(dv)}
+
+
+class FSLA(SOBA):
+    """FSLA: SOBA's ``w`` and ``v`` steps with a STORM-corrected outer direction
+    ``d_t = D(z_t) + (1 − η)(d_{t−1} − D(z_{t−1}))`` on the same batch (Li et al. 2022)."""
+
+    name = "fsla"
+    hparams = {**_STEPS, "momentum": (0.5, fraction)}
+
+    def init(self, outer: Tree, inner: Tree) -> State:
+        state = super().init(outer, inner)
+        return {**state, "d": zeros(outer), "prev": {"inner": state["inner"], "v": state["v"], "outer": state["outer"]}}
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        t, w, v, x = state["t"], state["inner"], state["v"], state["outer"]
+        rho, gamma = self.rates(t)
+        dw, dv, dx = self.soba_directions(w, v, x, inner_batch, outer_batch)
+        if t > 0:
+            prev = state["prev"]
+            old = self.soba_directions(prev["inner"], prev["v"], prev["outer"], inner_batch, outer_batch)[2]
+            dx = tree.axpy(1 - self.h["momentum"], tree.sub(state["d"], old), dx)
+        state = {
+            **state,
+            "prev": {"inner": w, "v": v, "outer": x},
+            "d": dx,
+            "inner": descend(w, dw, rho),
+            "v": descend(v, dv, rho),
+            "outer": descend(x, dx, gamma),
+            "t": t + 1,
+        }
+        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(dw), "linear_residual": norm(dv)}
+
+
+_NEUMANN = {**_STEPS, "neumann_terms": (10, count), "linear_lr": (None, lr)}
+
+
+class TTSA(SingleLoop):
+    """TTSA: one inner step and one outer step on the Neumann estimate per iteration, with
+    two time scales ``ρ_t ∝ t^-2/5``, ``γ_t ∝ t^-3/5`` (Hong et al. 2023)."""
+
+    name = "ttsa"
+    hparams = {**_NEUMANN, "inner_decay": (0.4, fraction), "outer_decay": (0.6, fraction)}
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        t, w, x = state["t"], state["inner"], state["outer"]
+        rho, gamma = self.rates(t)
+        dw, dx = self.neumann_directions(w, x, inner_batch, outer_batch)
+        state = {**state, "inner": descend(w, dw, rho), "outer": descend(x, dx, gamma), "t": t + 1}
+        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(dw)}
+
+
+class MRBO(SingleLoop):
+    """MRBO: momentum-recursive (STORM) estimates of ``∇_w g`` and of the Neumann hypergradient,
+    ``u_t = D(z_t) + (1 − η_t)(u_{t−1} − D(z_{t−1}))`` with ``η_t = momentum / (t+1)^momentum_decay``
+    (Yang et al. 2021)."""
+
+    name = "mrbo"
+    hparams = {**_NEUMANN, "momentum": (0.9, fraction), "momentum_decay": (0.0, fraction)}
+
+    def init(self, outer: Tree, inner: Tree) -> State:
+        state = super().init(outer, inner)
+        return {
+            **state,
+            "u": zeros(inner),
+            "d": zeros(outer),
+            "prev": {"inner": state["inner"], "outer": state["outer"]},
+        }
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        t, w, x = state["t"], state["inner"], state["outer"]
+        rho, gamma = self.rates(t)
+        u, d = self.neumann_directions(w, x, inner_batch, outer_batch)
+        if t > 0:
+            keep = 1 - decayed(self.h["momentum"], t, self.h["momentum_decay"])
+            old_u, old_d = self.neumann_directions(
+                state["prev"]["inner"], state["prev"]["outer"], inner_batch, outer_batch
+            )
+            u = tree.axpy(keep, tree.sub(state["u"], old_u), u)
+            d = tree.axpy(keep, tree.sub(state["d"], old_d), d)
+        new_x = descend(x, d, gamma)
+        new_w = descend(w, u, rho)
+        state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "inner": new_w, "outer": new_x, "t": t + 1}
+        return state, {"hypergrad_norm": norm(d), "inner_grad_norm": norm(u)}
+
+
+class SUSTAIN(MRBO):
+    """SUSTAIN: the same double-momentum (STORM) estimates with a fixed momentum; the inner
+    estimate is refreshed at the new outer point before the inner step (Khanduri et al. 2021)."""
+
+    name = "sustain"
+    hparams = {**_NEUMANN, "momentum": (0.5, fraction), "momentum_decay": (0.0, fraction)}
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        t, w, x = state["t"], state["inner"], state["outer"]
+        rho, gamma = self.rates(t)
+        keep = 1 - decayed(self.h["momentum"], t, self.h["momentum_decay"])
+        _, d = self.neumann_directions(w, x, inner_batch, outer_batch)
+        if t > 0:
+            old_d = self.neumann_directions(state["prev"]["inner"], state["prev"]["outer"], inner_batch, outer_batch)[1]
+            d = tree.axpy(keep, tree.sub(state["d"], old_d), d)
+        new_x = descend(x, d, gamma)
+        u = self.oracles.inner_grad(w, new_x, inner_batch)
+        if t > 0:
+            old_u = self.oracles.inner_grad(state["prev"]["inner"], x, inner_batch)
+            u = tree.axpy(keep, tree.sub(state["u"], old_u), u)
+        state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "t": t + 1}
+        state["inner"], state["outer"] = descend(w, u, rho), new_x
+        return state, {"hypergrad_norm": norm(d), "inner_grad_norm": norm(u)}
