@@ -306,7 +306,7 @@ class HyperCleaning:
         """Trains the inner model to convergence for fixed sample weights (full-batch GD)."""
         from bilevel_dist.solvers import GD, run
 
-        return run(GD(lr, steps, tol=1e-8), self.problem, self.inner_init(), outer, None).inner
+        return run(GD(lr, steps, tol=1e-6), self.problem, self.inner_init(), outer, None).inner
 
     def unweighted_error(self) -> float:
         """Test error of the model trained on the corrupted data without weights (all equal)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bilevel_dist import algorithms
-from bilevel_dist.problems import FiniteSumQuadratic
+from bilevel_dist.problems import FiniteSumQuadratic, HyperCleaning
 
 # Step sizes from a small grid on this problem (inner spectrum [0.5, 1], outer condition ≈ 15).
 FAST = {"inner_lr": 1.0, "outer_lr": 0.06}
@@ -86,7 +86,7 @@ RESUME = textwrap.dedent(
     """
     import sys, torch
     from bilevel_dist import algorithms
-    from bilevel_dist.problems import FiniteSumQuadratic
+    from bilevel_dist.problems import FiniteSumQuadratic, HyperCleaning
     torch.set_default_dtype(torch.float64)
     quadratic = FiniteSumQuadratic.make()
     name, path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -157,3 +157,39 @@ def test_resume_in_new_process_is_bit_exact(quadratic, name, tmp_path):
 def test_bad_hyperparameters_fail_at_get(quadratic, name, hparams, message):
     with pytest.raises((ValueError, TypeError), match=message):
         algorithms.get(name, problem=quadratic.problem, **hparams)
+
+
+@pytest.fixture(scope="module")
+def cleaning():
+    data = HyperCleaning.make(noise=0.5, seed=0)
+    return data, data.unweighted_error()
+
+
+CLEANING = {"inner_lr": 1.0, "outer_lr": 100.0}  # per-sample weight gradients are O(1/n)
+CLEANING_EXTRA = {
+    "aid": {"inner_steps": 20},
+    "itd": {"inner_steps": 20},
+    "stocbio": {"inner_steps": 20},
+    "amigo": {"inner_steps": 20},
+    "bsa": {"inner_steps": 20},
+    "ttsa": {"inner_decay": 0.0, "outer_decay": 0.0},
+    "penalty": {"inner_lr": 0.5},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(algorithms.REGISTRY))
+def test_hyper_cleaning_beats_training_on_corrupted_labels(cleaning, name):
+    data, unweighted = cleaning
+    inner_batch, outer_batch = data.full_batches()
+    extra = {"saba": {"n_inner": data.n_inner, "n_outer": data.n_outer}}.get(name, {})
+    if name in ("srba", "vrbo"):
+        extra = {"full_batches": (inner_batch, outer_batch)}
+    hparams = {**CLEANING, **CLEANING_EXTRA.get(name, {}), **extra}
+    algorithm = algorithms.get(name, problem=data.problem, **hparams)
+    state = algorithm.init(data.outer_init(), data.inner_init())
+    for _ in range(60):
+        state, _ = algorithm.step(state, inner_batch, outer_batch)
+    error = data.test_error(data.fit(state["outer"]))  # retrained on the learned weights
+    assert unweighted > 0.15
+    assert error < unweighted - 0.05, (error, unweighted)

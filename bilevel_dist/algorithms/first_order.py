@@ -33,7 +33,10 @@ class Penalty(Algorithm):
     """Mehra & Hamm's Algorithm 1 on ``f̃ = f + γ/2 ‖∇_w g‖²`` (+ ``λ g`` in the w-step and the
     multiplier term ``⟨∇_w g, ν⟩``, §2.3). ``inner_steps`` w-steps then one x-step; when
     ``‖∇_x f̃‖² + ‖∇_w f̃‖² ≤ ε²`` holds: ``γ ← c_γ γ``, ``λ ← c_λ λ``, ``ε ← c_ε ε``, then
-    ``ν ← ν + γ ∇_w g`` (the authors' order), and both step sizes shrink by ``lr_decay``.
+    ``ν ← ν + γ ∇_w g`` with the new ``γ`` and ``∇_w g`` where the tolerance was checked (the
+    authors' order), and both step sizes shrink by ``lr_decay``. With
+    ``gamma_lr_coef = b`` every step is further divided by ``1 + bγ`` (the synthetic experiments'
+    rule ``0.5 / (2 + 2s + 4γs²)``, since ``f̃``'s curvature grows like ``γ``).
 
     Across ranks ``∇_w g`` is averaged before it enters the square (``f + γ⟨∇_w g_r, mean⟩``).
     """
@@ -51,6 +54,7 @@ class Penalty(Algorithm):
         "lam_factor": (0.9, fraction),
         "multiplier": (False, lambda n, v: bool(v)),
         "lr_decay": (1.0, factor),
+        "gamma_lr_coef": (0.0, lambda n, v: factor(n, v) if v else 0.0),
     }
 
     def init(self, outer: Tree, inner: Tree) -> State:
@@ -73,13 +77,14 @@ class Penalty(Algorithm):
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         w, x = state["inner"], state["outer"]
+        shrink = 1.0 + self.h["gamma_lr_coef"] * state["gamma"]
         for _ in range(self.h["inner_steps"]):
             dw, _, g = self.gradients(state, w, x, inner_batch, outer_batch)
             if state["lam"]:
                 dw = tree.axpy(state["lam"], g, dw)
-            w = descend(w, dw, state["inner_lr"])
+            w = descend(w, dw, state["inner_lr"] / shrink)
         dw, dx, g = self.gradients(state, w, x, inner_batch, outer_batch)
-        x = descend(x, dx, state["outer_lr"])
+        x = descend(x, dx, state["outer_lr"] / shrink)
         residual = norm(dw) ** 2 + norm(dx) ** 2
         state = {**state, "inner": w, "outer": x, "t": state["t"] + 1, "stage_steps": state["stage_steps"] + 1}
         metrics = {"hypergrad_norm": norm(dx), "penalty_gamma": state["gamma"], "penalty_residual": residual**0.5}
