@@ -26,3 +26,15 @@ def test_readme_example_runs_and_matches_exact_solve(capsys):
     assert torch.allclose(solution.grad["log_lambda"], exact.grad["log_lambda"], rtol=1e-3, atol=1e-6)
     assert solution.info["inner_steps"] < 500  # stopped on its tolerance
     assert "tensor(" in capsys.readouterr().out
+
+
+def test_readme_algorithm_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    quadratic, state = namespace["quadratic"], namespace["state"]
+    start = quadratic.hypergradient(quadratic.outer_init())["x"].norm()
+    assert quadratic.hypergradient(state["outer"])["x"].norm() < 0.1 * start
+    loaded = torch.load(tmp_path / "soba.pt", weights_only=True)
+    assert torch.equal(loaded["outer"]["x"], state["outer"]["x"])
