@@ -193,3 +193,16 @@ def test_hyper_cleaning_beats_training_on_corrupted_labels(cleaning, name):
     error = data.test_error(data.fit(state["outer"]))  # retrained on the learned weights
     assert unweighted > 0.15
     assert error < unweighted - 0.05, (error, unweighted)
+
+
+def test_double_loop_cycles_one_batch_per_inner_step(quadratic):
+    """With PerStep batches, AID's inner loop equals plain GD over those batches in turn."""
+    inner_batches = [{"index": torch.arange(8 * k, 8 * k + 8)} for k in range(4)]
+    aid = build("aid", quadratic, inner_lr=0.5, inner_steps=4, outer_lr=0.01)
+    state = aid.init(quadratic.outer_init(), quadratic.inner_init())
+    state, _ = aid.step(state, algorithms.PerStep(inner_batches), {"index": torch.arange(8)})
+    z = quadratic.inner_init()["z"].requires_grad_()
+    for batch in inner_batches:
+        (grad,) = torch.autograd.grad(quadratic.inner_loss({"z": z}, quadratic.outer_init(), batch), z)
+        z = (z - 0.5 * grad).detach().requires_grad_()
+    assert torch.allclose(state["inner"]["z"], z.detach(), atol=1e-14, rtol=0)

@@ -2,7 +2,9 @@
 
 AID (Ghadimi & Wang 2018; Ji et al. 2021), stocBiO (Ji et al. 2021), AmIGO (Arbel & Mairal 2022),
 BSA (Ghadimi & Wang 2018), HOAG (Pedregosa 2016; Crockett & Fessler Alg. 1), ITD (Ji et al. 2021).
-The inner variables are warm-started from the previous iteration.
+The inner variables are warm-started from the previous iteration. ``inner_batch`` may be one
+batch or ``PerStep([b0, b1, ...])``: inner step ``k`` then uses batch ``k mod len`` (stocBiO and AmIGO draw a
+fresh batch per inner step) and the second-order products use the last.
 """
 
 from __future__ import annotations
@@ -31,18 +33,30 @@ from bilevel_dist.linalg import cg, neumann
 from bilevel_dist.tree import Tree
 
 
+class PerStep(list):
+    """Inner batches for a double-loop step, one per inner step (a plain list or tuple is taken
+    as one batch, as a DataLoader yields them)."""
+
+
+def batches(inner_batch: Any) -> list:
+    """``inner_batch`` as the list of batches its inner steps cycle through."""
+    return list(inner_batch) if isinstance(inner_batch, PerStep) else [inner_batch]
+
+
 class DoubleLoop(Algorithm):
     """Shared inner loop: ``inner_steps`` gradient steps on ``g`` from the previous solution."""
 
-    def inner_solve(self, w: Tree, x: Tree, batch: Any, steps: int, tol: float = 0.0) -> tuple[Tree, Tree]:
-        """Returns the inner variables after the loop and the inner gradient there."""
-        g = self.oracles.inner_grad(w, x, batch)
-        for _ in range(steps):
+    def inner_solve(self, w: Tree, x: Tree, batch: Any, steps: int, tol: float = 0.0) -> tuple[Tree, Tree, Any]:
+        """Returns the inner variables after the loop, the inner gradient there and the batch of
+        the last step, which the second-order products then use."""
+        cycle = batches(batch)
+        g = self.oracles.inner_grad(w, x, cycle[0])
+        for k in range(steps):
             if tol and norm(g) <= tol:
                 break
             w = descend(w, g, self.h["inner_lr"])
-            g = self.oracles.inner_grad(w, x, batch)
-        return w, g
+            g = self.oracles.inner_grad(w, x, cycle[(k + 1) % len(cycle)] if k + 1 < steps else cycle[-1])
+        return w, g, cycle[-1]
 
     def outer_update(self, state: State, d: Tree, inner: Tree, metrics: Metrics) -> tuple[State, Metrics]:
         t = state["t"]
@@ -71,8 +85,8 @@ class AID(DoubleLoop):
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         x = state["outer"]
-        w, g = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
-        lin = self.oracles.linearize(w, x, inner_batch)
+        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
+        lin = self.oracles.linearize(w, x, last)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         if self.h["linear_solver"] == "cg":
             solved = cg(lin.hvp, fw, iters=self.h["linear_iters"])
@@ -108,8 +122,8 @@ class AmIGO(DoubleLoop):
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         x = state["outer"]
-        w, g = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
-        lin = self.oracles.linearize(w, x, inner_batch)
+        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
+        lin = self.oracles.linearize(w, x, last)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         v, step = state["v"], self.h["linear_lr"] or self.h["inner_lr"]
         for _ in range(self.h["linear_iters"]):
@@ -142,8 +156,8 @@ class BSA(DoubleLoop):
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         x = state["outer"]
-        w, g = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
-        lin = self.oracles.linearize(w, x, inner_batch)
+        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
+        lin = self.oracles.linearize(w, x, last)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         generator = torch.Generator()
         generator.set_state(state["rng"])
@@ -178,8 +192,8 @@ class HOAG(DoubleLoop):
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         x, tol = state["outer"], state["tol"]
-        w, g = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"], tol=tol)
-        lin = self.oracles.linearize(w, x, inner_batch)
+        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"], tol=tol)
+        lin = self.oracles.linearize(w, x, last)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         solved = cg(lin.hvp, fw, iters=self.h["linear_iters"], tol=tol)
         d = hypergradient(fx, lin.mixed(solved.solution))
@@ -203,14 +217,15 @@ class ITD(DoubleLoop):
         problem, comm, step = self.problem, self.comm, self.h["inner_lr"]
         x = {k: v.detach().requires_grad_() for k, v in state["outer"].items()}
         w = state["inner"]
+        cycle = batches(inner_batch)
         with torch.enable_grad():
-            for _ in range(self.h["inner_steps"]):
-                w = descend(w, comm.mean(grad(problem.inner_loss)(w, x, inner_batch)), step)
+            for k in range(self.h["inner_steps"]):
+                w = descend(w, comm.mean(grad(problem.inner_loss)(w, x, cycle[k % len(cycle)])), step)
             value = problem.outer_loss(w, x, outer_batch)
             grads = torch.autograd.grad(value, list(x.values()), allow_unused=True)
         d = comm.mean(
             {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(x.items(), grads, strict=True)}
         )
         w = tree.detach(w)
-        g = self.oracles.inner_grad(w, tree.detach(x), inner_batch)
+        g = self.oracles.inner_grad(w, tree.detach(x), cycle[-1])
         return self.outer_update(state, d, w, {"inner_grad_norm": norm(g)})
