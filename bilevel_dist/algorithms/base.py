@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 from torch.func import vmap
 
@@ -166,4 +165,4 @@ def zeros(t: Tree) -> Tree:
     return tree.zeros_like(t)
 
 
-__all__ = ["Algorithm", "Metrics", "Oracles", "State", "torch"]
+__all__ = ["Algorithm", "Metrics", "Oracles", "State"]

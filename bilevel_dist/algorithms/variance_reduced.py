@@ -198,4 +198,4 @@ class VRBO(_Recursive):
         return state, {"hypergrad_norm": norm(est["x"]), "inner_grad_norm": norm(u)}
 
 
-__all__ = ["SABA", "SRBA", "VRBO", "torch"]
+__all__ = ["SABA", "SRBA", "VRBO"]
