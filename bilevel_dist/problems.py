@@ -311,3 +311,72 @@ class HyperCleaning:
     def unweighted_error(self) -> float:
         """Test error of the model trained on the corrupted data without weights (all equal)."""
         return self.test_error(self.fit(self.outer_init()))
+
+
+@dataclass
+class LogisticRegression:
+    """Binary logistic regression with one regularisation weight per feature (benchopt's ijcnn1
+    problem on synthetic data): inner ``mean CE + ½ Σ_j exp(x_j) w_j²`` on the training split,
+    outer the unregularised validation cross-entropy. Batches are ``{"index": sample ids}``."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+
+    @classmethod
+    def make(
+        cls, n_train: int = 200, n_val: int = 100, features: int = 10, seed: int = 0, dtype: torch.dtype = torch.float64
+    ) -> LogisticRegression:
+        """Gaussian features, labels drawn from a random logistic teacher."""
+        gen = torch.Generator().manual_seed(seed)
+        w_true = torch.randn(features, generator=gen, dtype=dtype)
+        x = torch.randn(n_train + n_val, features, generator=gen, dtype=dtype)
+        y = (torch.sigmoid(x @ w_true) > torch.rand(n_train + n_val, generator=gen, dtype=dtype)).to(dtype)
+        return cls(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+    def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        """Training cross-entropy plus the per-feature penalty."""
+        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        fit = torch.nn.functional.binary_cross_entropy_with_logits(
+            self.x_train[index] @ inner["w"], self.y_train[index]
+        )
+        return fit + 0.5 * (outer["log_lambda"].exp() * inner["w"] ** 2).sum()
+
+    def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        """Validation cross-entropy."""
+        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.x_val[index] @ inner["w"], self.y_val[index])
+
+    @property
+    def problem(self) -> BilevelProblem:
+        """The :class:`BilevelProblem`."""
+        return BilevelProblem(self.inner_loss, self.outer_loss)
+
+    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Batches holding every training and every validation sample."""
+        return {"index": torch.arange(self.x_train.shape[0])}, {"index": torch.arange(self.x_val.shape[0])}
+
+    def outer_init(self, value: float = -3.0) -> Tree:
+        """``log λ`` filled with ``value``."""
+        return {"log_lambda": torch.full((self.x_train.shape[1],), value, dtype=self.x_train.dtype)}
+
+    def inner_init(self) -> Tree:
+        """``w = 0``."""
+        return {"w": torch.zeros(self.x_train.shape[1], dtype=self.x_train.dtype)}
+
+    def solution(self, outer: Tree, iters: int = 30) -> Tree:
+        """``w*(x)`` by Newton's method (strongly convex inner problem), a reference solver."""
+        w = self.inner_init()["w"]
+        penalty = outer["log_lambda"].exp()
+        for _ in range(iters):
+            p = torch.sigmoid(self.x_train @ w)
+            n = self.x_train.shape[0]
+            grad = self.x_train.T @ (p - self.y_train) / n + penalty * w
+            hess = (self.x_train.T * (p * (1 - p))) @ self.x_train / n + torch.diag(penalty)
+            w = w - torch.linalg.solve(hess, grad)
+        return {"w": w}
+
+    def value(self, outer: Tree) -> float:
+        """``h(x) = f(x, w*(x))`` through the Newton reference solution."""
+        return float(self.outer_loss(self.solution(outer), outer))

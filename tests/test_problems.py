@@ -38,3 +38,23 @@ def test_hyper_cleaning_splits_and_noise():
     data = HyperCleaning.make(noise=0.5, n_val=150, n_test=500)
     assert (data.n_inner, data.n_outer, data.x_test.shape[0]) == (1797 - 650, 150, 500)
     assert int(data.flipped.sum()) == data.n_inner // 2
+
+
+def test_logistic_hypergradient_matches_finite_differences_of_value():
+    from bilevel_dist.problems import LogisticRegression
+
+    data = LogisticRegression.make()
+    outer = data.outer_init()
+    h = 1e-5
+    base = outer["log_lambda"]
+    fd = torch.tensor(
+        [
+            (data.value({"log_lambda": base + h * e}) - data.value({"log_lambda": base - h * e})) / (2 * h)
+            for e in torch.eye(base.numel())
+        ]
+    )
+    solution = bd.solve(
+        data.problem, outer, data.inner_init(), solver=solvers.GD(2.0, 3000, tol=1e-12), hypergrad=hypergrad.CG()
+    )
+    assert torch.allclose(solution.inner["w"], data.solution(outer)["w"], atol=1e-10)
+    assert float((solution.grad["log_lambda"] - fd).norm() / fd.norm()) < 1e-6
