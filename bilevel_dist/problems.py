@@ -11,8 +11,39 @@ from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.tree import Tree
 
 
+def _index(batch: object) -> slice | Tensor:
+    """The sample ids of an ``{"index": ...}`` batch; ``None`` means every sample."""
+    return slice(None) if batch is None else batch["index"]  # type: ignore[index]
+
+
+class _Reference:
+    """What every reference problem shares: its losses as a :class:`BilevelProblem`."""
+
+    def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        raise NotImplementedError
+
+    def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def problem(self) -> BilevelProblem:
+        """The :class:`BilevelProblem`."""
+        return BilevelProblem(self.inner_loss, self.outer_loss)
+
+
+class _Sampled(_Reference):
+    """A reference problem whose batches are ``{"index": sample ids}``."""
+
+    n_inner: int
+    n_outer: int
+
+    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Batches holding every inner and every outer sample."""
+        return {"index": torch.arange(self.n_inner)}, {"index": torch.arange(self.n_outer)}
+
+
 @dataclass
-class RidgeRegression:
+class RidgeRegression(_Reference):
     """Ridge regression with one regularisation weight per feature.
 
     Inner ``g(w, x) = ‖X w − y‖²/(2n) + ½ Σ_j exp(x_j) w_j²`` on the training split, outer
@@ -55,11 +86,6 @@ class RidgeRegression:
         """``f``: validation error."""
         return 0.5 * (self.x_val @ inner["w"] - self.y_val).pow(2).mean()
 
-    @property
-    def problem(self) -> BilevelProblem:
-        """The :class:`BilevelProblem`."""
-        return BilevelProblem(self.inner_loss, self.outer_loss)
-
     def outer_init(self, value: float = 0.0) -> Tree:
         """``log λ`` filled with ``value``."""
         return {"log_lambda": torch.full((self.x_train.shape[1],), value, dtype=self.x_train.dtype)}
@@ -97,7 +123,7 @@ def _symmetric_noise(gen: torch.Generator, count: int, dim: int, scale: float, d
 
 
 @dataclass
-class FiniteSumQuadratic:
+class FiniteSumQuadratic(_Sampled):
     """The finite-sum quadratic of benchopt's bilevel benchmark, with closed forms.
 
     ``g(x, z) = (1/n) Σ_i ½ zᵀA_i z + xᵀB_i z`` and ``f(x, z) = (1/m) Σ_j ½ zᵀC_j z + c_jᵀz + ½ μ_x‖x‖²``.
@@ -140,26 +166,17 @@ class FiniteSumQuadratic:
         c_lin = torch.randn(n_outer, dim_inner, generator=gen, dtype=dtype)
         return cls(a, b, c, c_lin, mu_outer)
 
-    @staticmethod
-    def _rows(t: Tensor, batch: object) -> Tensor:
-        return t if batch is None else t[batch["index"]]  # type: ignore[index]
-
     def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
         """``g`` on the batch."""
         z, x = inner["z"], outer["x"]
-        a, b = self._rows(self.a, batch), self._rows(self.b, batch)
+        a, b = self.a[_index(batch)], self.b[_index(batch)]
         return (0.5 * torch.einsum("i,nij,j->n", z, a, z) + torch.einsum("i,nij,j->n", x, b, z)).mean()
 
     def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
         """``f`` on the batch."""
         z, x = inner["z"], outer["x"]
-        c, lin = self._rows(self.c, batch), self._rows(self.c_lin, batch)
+        c, lin = self.c[_index(batch)], self.c_lin[_index(batch)]
         return (0.5 * torch.einsum("i,nij,j->n", z, c, z) + lin @ z).mean() + 0.5 * self.mu_outer * (x * x).sum()
-
-    @property
-    def problem(self) -> BilevelProblem:
-        """The :class:`BilevelProblem`."""
-        return BilevelProblem(self.inner_loss, self.outer_loss)
 
     @property
     def n_inner(self) -> int:
@@ -170,10 +187,6 @@ class FiniteSumQuadratic:
     def n_outer(self) -> int:
         """Number of outer samples."""
         return self.c.shape[0]
-
-    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Batches holding every sample, inner and outer."""
-        return {"index": torch.arange(self.n_inner)}, {"index": torch.arange(self.n_outer)}
 
     def outer_init(self) -> Tree:
         """``x = 1``."""
@@ -211,7 +224,7 @@ def flip_labels(labels: Tensor, rate: float, classes: int, generator: torch.Gene
 
 
 @dataclass
-class HyperCleaning:
+class HyperCleaning(_Sampled):
     """Data hyper-cleaning (Franceschi et al. 2017) on scikit-learn's bundled 8×8 digits.
 
     Inner: a linear softmax model ``{"weight", "bias"}`` trained on
@@ -259,7 +272,7 @@ class HyperCleaning:
 
     def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
         """Weighted training cross-entropy plus ``reg ‖W‖²``."""
-        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        index = _index(batch)
         losses = torch.nn.functional.cross_entropy(
             self._logits(inner, self.x_train[index]), self.y_train[index], reduction="none"
         )
@@ -267,13 +280,8 @@ class HyperCleaning:
 
     def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
         """Clean validation cross-entropy."""
-        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        index = _index(batch)
         return torch.nn.functional.cross_entropy(self._logits(inner, self.x_val[index]), self.y_val[index])
-
-    @property
-    def problem(self) -> BilevelProblem:
-        """The :class:`BilevelProblem`."""
-        return BilevelProblem(self.inner_loss, self.outer_loss)
 
     @property
     def n_inner(self) -> int:
@@ -284,10 +292,6 @@ class HyperCleaning:
     def n_outer(self) -> int:
         """Number of validation samples."""
         return self.x_val.shape[0]
-
-    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Batches holding every training and every validation sample."""
-        return {"index": torch.arange(self.n_inner)}, {"index": torch.arange(self.n_outer)}
 
     def outer_init(self) -> Tree:
         """Every sample weight at ``σ(0) = 0.5``."""
@@ -314,7 +318,7 @@ class HyperCleaning:
 
 
 @dataclass
-class LogisticRegression:
+class LogisticRegression(_Sampled):
     """Binary logistic regression with one regularisation weight per feature (benchopt's ijcnn1
     problem on synthetic data): inner ``mean CE + ½ Σ_j exp(x_j) w_j²`` on the training split,
     outer the unregularised validation cross-entropy. Batches are ``{"index": sample ids}``."""
@@ -337,7 +341,7 @@ class LogisticRegression:
 
     def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
         """Training cross-entropy plus the per-feature penalty."""
-        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        index = _index(batch)
         fit = torch.nn.functional.binary_cross_entropy_with_logits(
             self.x_train[index] @ inner["w"], self.y_train[index]
         )
@@ -345,17 +349,18 @@ class LogisticRegression:
 
     def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
         """Validation cross-entropy."""
-        index = slice(None) if batch is None else batch["index"]  # type: ignore[index]
+        index = _index(batch)
         return torch.nn.functional.binary_cross_entropy_with_logits(self.x_val[index] @ inner["w"], self.y_val[index])
 
     @property
-    def problem(self) -> BilevelProblem:
-        """The :class:`BilevelProblem`."""
-        return BilevelProblem(self.inner_loss, self.outer_loss)
+    def n_inner(self) -> int:
+        """Number of training samples."""
+        return self.x_train.shape[0]
 
-    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Batches holding every training and every validation sample."""
-        return {"index": torch.arange(self.x_train.shape[0])}, {"index": torch.arange(self.x_val.shape[0])}
+    @property
+    def n_outer(self) -> int:
+        """Number of validation samples."""
+        return self.x_val.shape[0]
 
     def outer_init(self, value: float = -3.0) -> Tree:
         """``log λ`` filled with ``value``."""

@@ -40,6 +40,11 @@ def fraction(name: str, value: Any) -> float:
     return unit_interval(name, value)
 
 
+def nonnegative(name: str, value: Any) -> float:
+    """A weight or growth that may be zero (off): finite and ``>= 0``."""
+    return positive_float(name, value, allow_zero=True)
+
+
 def factor(name: str, value: Any) -> float:
     """A multiplicative factor ``> 0``."""
     return positive_float(name, value)

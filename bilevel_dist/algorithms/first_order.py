@@ -16,6 +16,7 @@ from bilevel_dist.algorithms.base import (
     factor,
     fraction,
     lr,
+    nonnegative,
     norm,
     zeros,
 )
@@ -50,11 +51,11 @@ class Penalty(Algorithm):
         "epsilon": (1.0, factor),
         "gamma_factor": (1.1, _unit_or_more),
         "epsilon_factor": (0.9, fraction),
-        "lam": (0.0, lambda n, v: factor(n, v) if v else 0.0),
+        "lam": (0.0, nonnegative),
         "lam_factor": (0.9, fraction),
         "multiplier": (False, lambda n, v: bool(v)),
         "lr_decay": (1.0, factor),
-        "gamma_lr_coef": (0.0, lambda n, v: factor(n, v) if v else 0.0),
+        "gamma_lr_coef": (0.0, nonnegative),
     }
 
     def init(self, outer: Tree, inner: Tree) -> State:
@@ -146,7 +147,7 @@ class F2SA(Algorithm):
         "inner_steps": (1, count),
         "outer_lr": (0.01, lr),
         "lam": (1.0, factor),
-        "lam_growth": (0.1, lambda n, v: factor(n, v) if v else 0.0),
+        "lam_growth": (0.1, nonnegative),
         "lam_max": (1e4, factor),
     }
 
