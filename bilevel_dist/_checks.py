@@ -6,6 +6,18 @@ import math
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A bad setting, with the dotted ``key`` that names it (the CLI prints ``key: message``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key nested under ``prefix``."""
+        return ConfigError(f"{prefix}.{self.key}", str(self))
+
+
 def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     """Returns ``value`` if it is an int ``> 0`` (``>= 0`` with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, int):

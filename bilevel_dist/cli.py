@@ -1,24 +1,187 @@
-"""The ``bilevel-dist`` command."""
+"""The ``bilevel-dist`` command: ``fit``, ``validate`` and ``test`` on Lightning's ``LightningCLI``.
+
+``bilevel-dist fit --config recipes/data_denoising/digits.yaml --model.algorithm.name soba``.
+Configs use ``class_path``/``init_args`` for the model (a :class:`BilevelModule`) and the data (a
+:class:`BilevelDataModule`). A user mistake (unknown key, wrong type, unknown algorithm, a bad
+value, a missing file) prints one line naming the key and exits with code 2, without a traceback.
+"""
 
 from __future__ import annotations
 
-import argparse
+import os
+import re
 import sys
+from typing import Any
 
-import bilevel_dist
-from bilevel_dist import hypergrad
+from bilevel_dist._checks import ConfigError
+
+COMMANDS = ("fit", "validate", "test")
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+    "log_every_n_steps": 1,
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or config: reported in one line, exit code 2."""
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _parser_message(message: str) -> str:
+    """jsonargparse's (often nested, multi-line) error as ``key: reason``: for a class that
+    failed every alternative of a union, the reason of the first alternative."""
+    key, reason = "", str(message)
+    while True:
+        match = re.match(r'\s*Parser key "([^"]+)":\s*(.*)', reason, re.S)
+        if match:
+            key = f"{key}.{match[1]}" if key else match[1]
+            reason = match[2]
+        errors = re.search(r"Errors:\s*-\s*(.*?)(?:\n\s*- |\Z)", reason, re.S)
+        if errors:
+            reason = errors[1]
+            if key in ("model", "data"):
+                nested = re.match(r"\s*([A-Za-z_][\w.]*): (.*)", reason, re.S)
+                if nested:  # already reported as "key: reason" by the nested parser
+                    key, reason = f"{key}.init_args.{nested[1]}", nested[2]
+                elif reason.lstrip().startswith("Parser key"):
+                    key += ".init_args"
+        elif not match:
+            break
+    reason = _one_line(reason)
+    return f"{key}: {reason}" if key else reason
+
+
+def _cli_class() -> type:
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from bilevel_dist.lightning import BilevelDataModule, BilevelModule
+
+    class Parser(LightningArgumentParser):
+        """Raises instead of printing usage, so that the CLI reports one line."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["exit_on_error"] = False
+            super().__init__(*args, **kwargs)
+
+        def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+            raise UserError(_parser_message(message))
+
+    class BilevelCLI(LightningCLI):
+        """``LightningCLI`` for :class:`BilevelModule` subclasses and :class:`BilevelDataModule`."""
+
+        def __init__(self, args: list[str] | None) -> None:
+            super().__init__(
+                BilevelModule,
+                BilevelDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                trainer_defaults=TRAINER_DEFAULTS,
+                parser_class=Parser,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+            )
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name in COMMANDS}
+
+        def instantiate_classes(self) -> None:
+            _offline_wandb(self.config[self.subcommand])
+            try:
+                super().instantiate_classes()
+            except UserError:
+                raise
+            except Exception as error:
+                cause = _user_mistake(error)
+                if cause is None:
+                    raise
+                origin = _origin(cause)
+                if isinstance(cause, ConfigError):
+                    raise UserError(f"{origin}.init_args.{cause.key}: {cause}") from None
+                raise UserError(f"{origin}: {_one_line(str(cause))}") from None
+
+    return BilevelCLI
+
+
+def _user_mistake(error: BaseException) -> BaseException | None:
+    """The first error in ``error``'s chain that a bad setting raises, else ``None``."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    mistakes = (ConfigError, MisconfigurationException, TypeError, ValueError, FileNotFoundError)
+    seen = error
+    while seen is not None:
+        if isinstance(seen, ConfigError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    deepest = error
+    while (deepest.__cause__ or deepest.__context__) is not None:
+        deepest = deepest.__cause__ or deepest.__context__
+    return deepest if isinstance(deepest, mistakes) else None
+
+
+def _origin(error: BaseException) -> str:
+    """``model``, ``data`` or ``trainer``: which configured object raised ``error``."""
+    from lightning import LightningDataModule, LightningModule
+
+    origin, tb = "trainer", error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, LightningModule):
+            origin = "model"
+        elif isinstance(owner, LightningDataModule):
+            origin = "data"
+        tb = tb.tb_next
+    return origin
+
+
+def _offline_wandb(config: Any) -> None:
+    """A ``WandbLogger`` without an API key logs offline instead of prompting for a login."""
+    loggers = config.get("trainer", {}).get("logger")
+    entries = loggers if isinstance(loggers, list) else [loggers]
+    wants_wandb = any("WandbLogger" in str(getattr(e, "class_path", e)) for e in entries if e)
+    if wants_wandb and not os.environ.get("WANDB_API_KEY") and not os.path.exists(os.path.expanduser("~/.netrc")):
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _estimators() -> int:
+    from bilevel_dist import hypergrad
+
+    for name, cls in sorted(hypergrad.REGISTRY.items()):
+        print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; user mistakes exit with code 2 and one line on stderr (argparse's way)."""
-    parser = argparse.ArgumentParser(prog="bilevel-dist", description=bilevel_dist.__doc__)
-    parser.add_argument("--version", action="version", version=f"bilevel-dist {bilevel_dist.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("estimators", help="list the hypergradient estimators by name")
-    args = parser.parse_args(argv)
-    if args.command == "estimators":
-        for name, cls in sorted(hypergrad.REGISTRY.items()):
-            print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    """Entry point: returns the exit code (2 for a user mistake, printed as one line)."""
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["estimators"]:
+        return _estimators()
+    if argv[:1] == ["--version"]:
+        import bilevel_dist
+
+        print(f"bilevel-dist {bilevel_dist.__version__}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        commands = ", ".join((*COMMANDS, "estimators"))
+        print(f"usage: bilevel-dist {{{commands}}} [--config FILE.yaml] [--help]")
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"bilevel-dist: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        _cli_class()(None if from_shell else argv)
+    except UserError as error:
+        print(f"bilevel-dist: error: {error}", file=sys.stderr)
+        return 2
+    except ConfigError as error:  # raised while running, e.g. a batch larger than the dataset
+        origin = _origin(error)
+        key = error.key if origin == "trainer" else f"{origin}.init_args.{error.key}"
+        print(f"bilevel-dist: error: {key}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

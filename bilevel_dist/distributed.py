@@ -3,21 +3,40 @@
 PyTorch DDP does not synchronise gradients from ``torch.autograd.grad``, ``torch.func`` or double
 backward, so every hypergradient piece computed on a rank's shard goes through :meth:`Comm.mean`.
 Without an initialised process group every method is the identity.
+
+Leaves named in ``sharded`` (per-sample outer weights, per-task inner heads) are split by rows
+across ranks: rank ``r`` owns global rows ``r, r + W, r + 2W, ...`` (:func:`shard_rows`), so the
+derivative of the global loss with respect to them is local (scaled by ``1/W``, since the global
+loss is the mean of the ranks' losses), and only their inner products need a reduction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from bilevel_dist.tree import Tree
 
 
-class Comm:
-    """Rank, world size and mean-reduction of trees over a process group (default: the world)."""
+def shard_rows(n: int, rank: int, world_size: int) -> Tensor:
+    """The global row ids that ``rank`` owns out of ``n``: ``rank, rank + W, ...``."""
+    return torch.arange(rank, n, world_size)
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+
+def local_rows(ids: Tensor, world_size: int) -> Tensor:
+    """Where global rows ``ids`` sit in their owner's shard."""
+    return torch.div(ids, world_size, rounding_mode="floor")
+
+
+class Comm:
+    """Rank, world size and reductions of trees over a process group (default: the world)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, sharded: Iterable[str] = ()) -> None:
         self.group = group
+        self.sharded = frozenset(sharded)
 
     @property
     def active(self) -> bool:
@@ -35,12 +54,15 @@ class Comm:
         return dist.get_world_size(self.group) if self.active else 1
 
     def mean(self, tree: Tree) -> Tree:
-        """Averages every tensor of ``tree`` over the ranks (differentiably when it needs grad)."""
+        """Averages every tensor of ``tree`` over the ranks (differentiably when it needs grad);
+        a sharded leaf is only scaled by ``1/W``: no other rank contributes to its rows."""
         if not self.active:
             return tree
         out = {}
         for key, value in tree.items():
-            if value.requires_grad:
+            if key in self.sharded:
+                out[key] = value / self.world_size
+            elif value.requires_grad:
                 from torch.distributed.nn.functional import all_reduce
 
                 out[key] = all_reduce(value, group=self.group) / self.world_size
@@ -50,9 +72,46 @@ class Comm:
                 out[key] = reduced / self.world_size
         return out
 
-    def mean_value(self, value: torch.Tensor) -> torch.Tensor:
+    def mean_value(self, value: Tensor) -> Tensor:
         """Averages one tensor over the ranks."""
         return self.mean({"value": value})["value"]
 
+    def dot(self, a: Tree, b: Tree) -> Tensor:
+        """``⟨a, b⟩`` over the whole (global) tree: sharded leaves summed over their owners."""
+        keys = list(a)
+        replicated = sum((a[k] * b[k]).sum() for k in keys if k not in self.sharded)
+        shards = [k for k in keys if k in self.sharded]
+        if not shards:
+            return torch.as_tensor(replicated)
+        local = sum((a[k] * b[k]).sum() for k in shards)
+        if self.active:
+            local = local.clone()
+            dist.all_reduce(local, group=self.group)
+        return replicated + local
+
+    def norm(self, a: Tree) -> Tensor:
+        """``‖a‖`` over the whole (global) tree."""
+        return self.dot(a, a).sqrt()
+
+    def gather_rows(self, shard: Tensor, n: int) -> Tensor:
+        """The full ``n``-row tensor from every rank's shard (:func:`shard_rows` layout)."""
+        world = self.world_size
+        if world == 1:
+            return shard
+        rows = -(-n // world)
+        padded = shard.new_zeros((rows, *shard.shape[1:]))
+        padded[: shard.shape[0]] = shard
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        full = shard.new_empty((n, *shard.shape[1:]))
+        for rank, part in enumerate(parts):
+            ids = shard_rows(n, rank, world)
+            full[ids] = part[: len(ids)]
+        return full
+
+    def scatter_rows(self, full: Tensor) -> Tensor:
+        """This rank's shard of a full tensor."""
+        return full[shard_rows(full.shape[0], self.rank, self.world_size).to(full.device)]
+
     def __repr__(self) -> str:
-        return f"Comm(rank={self.rank}, world_size={self.world_size})"
+        return f"Comm(rank={self.rank}, world_size={self.world_size}, sharded={sorted(self.sharded)})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -89,16 +90,27 @@ class LinearSolve:
     iterations: int
 
 
-def cg(matvec: MatVec, b: Tree, *, iters: int, tol: float | Tensor = 0.0, batched: bool = False) -> LinearSolve:
+def cg(
+    matvec: MatVec,
+    b: Tree,
+    *,
+    iters: int,
+    tol: float | Tensor = 0.0,
+    batched: bool = False,
+    dot: Callable[[Tree, Tree], Tensor] | None = None,
+) -> LinearSolve:
     """Conjugate gradient for ``A v = b`` with ``A`` symmetric positive definite.
 
     Each problem of a batch has its own step sizes and stops on its own once its residual norm
-    falls to ``tol`` (a number, or one per problem); iteration ends when all have.
+    falls to ``tol`` (a number, or one per problem); iteration ends when all have. ``dot``
+    replaces the inner product (``Comm.dot`` when leaves are sharded across ranks).
     """
+    if dot is None:
+        dot = partial(tree.dot, batched=batched)
     x = tree.zeros_like(b)
     r = dict(b)
     p = dict(b)
-    rr = tree.dot(r, r, batched)
+    rr = dot(r, r)
     active = rr.sqrt() > tol
     it = 0
     for it in range(1, iters + 1):
@@ -106,11 +118,11 @@ def cg(matvec: MatVec, b: Tree, *, iters: int, tol: float | Tensor = 0.0, batche
             it -= 1
             break
         ap = matvec(p)
-        pap = tree.dot(p, ap, batched)
+        pap = dot(p, ap)
         alpha = torch.where(active, rr / torch.where(pap == 0, torch.ones_like(pap), pap), torch.zeros_like(rr))
         x = tree.axpy(alpha, p, x, batched)
         r = tree.axpy(-alpha, ap, r, batched)
-        rr_new = tree.dot(r, r, batched)
+        rr_new = dot(r, r)
         beta = torch.where(active, rr_new / torch.where(rr == 0, torch.ones_like(rr), rr), torch.zeros_like(rr))
         p = tree.axpy(beta, p, r, batched)
         rr = torch.where(active, rr_new, rr)

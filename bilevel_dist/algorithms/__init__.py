@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bilevel_dist._checks import ConfigError
 from bilevel_dist.algorithms.base import Algorithm, Metrics, Oracles, State
 from bilevel_dist.algorithms.double_loop import AID, BSA, HOAG, ITD, AmIGO, PerStep, StocBiO
 from bilevel_dist.algorithms.first_order import BOME, F2SA, Penalty
@@ -44,7 +45,7 @@ def get(name: str, *, problem: BilevelProblem, **hparams: Any) -> Algorithm:
     """The algorithm registered as ``name`` for ``problem``; ``comm=`` and, for SRBA/VRBO,
     ``full_batches=`` may be passed beside the hyperparameters."""
     if not isinstance(name, str) or name not in REGISTRY:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+        raise ConfigError("name", f"unknown algorithm {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name](problem, **hparams)
 
 

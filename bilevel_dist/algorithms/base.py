@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from bilevel_dist import tree
-from bilevel_dist._checks import positive_float, positive_int, unit_interval
+from bilevel_dist._checks import ConfigError, positive_float, positive_int, unit_interval
 from bilevel_dist.distributed import Comm
 from bilevel_dist.linalg import Linearization, linearize, loss_grad, loss_grads
 from bilevel_dist.problem import BilevelProblem
@@ -121,9 +121,10 @@ class Algorithm:
             raise TypeError(f"problem must be a BilevelProblem, got {type(problem).__name__}")
         unknown = sorted(set(hparams) - set(self.hparams))
         if unknown:
-            raise TypeError(
+            raise ConfigError(
+                unknown[0],
                 f"algorithm {self.name!r} has no hyperparameter {unknown[0]!r}; its hyperparameters are "
-                f"{sorted(self.hparams)}"
+                f"{sorted(self.hparams)}",
             )
         self.problem = problem
         self.comm = comm or Comm()
@@ -131,7 +132,10 @@ class Algorithm:
         values = {}
         for key, (default, check) in self.hparams.items():
             value = hparams.get(key, default)
-            values[key] = value if value is None else check(key, value)
+            try:
+                values[key] = value if value is None else check(key, value)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(key, str(error)) from None
         self.h = values
 
     def init(self, outer: Tree, inner: Tree) -> State:
@@ -142,17 +146,16 @@ class Algorithm:
         """One outer iteration; returns the new state and metrics (floats)."""
         raise NotImplementedError
 
+    def norm(self, t: Tree) -> float:
+        """The Euclidean norm of a (possibly sharded) tree, as a float for metrics."""
+        return float(self.comm.norm(t))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.h.items())})"
 
 
 def _copy(t: Tree) -> Tree:
     return {k: v.detach().clone() for k, v in t.items()}
-
-
-def norm(t: Tree) -> float:
-    """The Euclidean norm of a tree, as a float for metrics."""
-    return float(tree.norm(t))
 
 
 def descend(x: Tree, direction: Tree, step: float) -> Tree:

@@ -26,7 +26,6 @@ from bilevel_dist.algorithms.base import (
     fraction,
     hypergradient,
     lr,
-    norm,
     zeros,
 )
 from bilevel_dist.linalg import cg, neumann
@@ -52,7 +51,7 @@ class DoubleLoop(Algorithm):
         cycle = batches(batch)
         g = self.oracles.inner_grad(w, x, cycle[0])
         for k in range(steps):
-            if tol and norm(g) <= tol:
+            if tol and self.norm(g) <= tol:
                 break
             w = descend(w, g, self.h["inner_lr"])
             g = self.oracles.inner_grad(w, x, cycle[(k + 1) % len(cycle)] if k + 1 < steps else cycle[-1])
@@ -62,7 +61,7 @@ class DoubleLoop(Algorithm):
         t = state["t"]
         step = decayed(self.h["outer_lr"], t, self.h.get("outer_decay", 0.0) or 0.0)
         state = {**state, "outer": descend(state["outer"], d, step), "inner": inner, "t": t + 1}
-        return state, {"hypergrad_norm": norm(d), "outer_lr": step, **metrics}
+        return state, {"hypergrad_norm": self.norm(d), "outer_lr": step, **metrics}
 
 
 _AID = {
@@ -89,12 +88,14 @@ class AID(DoubleLoop):
         lin = self.oracles.linearize(w, x, last)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         if self.h["linear_solver"] == "cg":
-            solved = cg(lin.hvp, fw, iters=self.h["linear_iters"])
+            solved = cg(lin.hvp, fw, iters=self.h["linear_iters"], dot=self.comm.dot)
         else:
             alpha = self.h["linear_lr"] or self.h["inner_lr"]
             solved = neumann(lin.hvp, fw, iters=self.h["linear_iters"], alpha=alpha)
         d = hypergradient(fx, lin.mixed(solved.solution))
-        return self.outer_update(state, d, w, {"inner_grad_norm": norm(g), "linear_residual": float(solved.residual)})
+        return self.outer_update(
+            state, d, w, {"inner_grad_norm": self.norm(g), "linear_residual": float(solved.residual)}
+        )
 
 
 class StocBiO(AID):
@@ -128,10 +129,10 @@ class AmIGO(DoubleLoop):
         v, step = state["v"], self.h["linear_lr"] or self.h["inner_lr"]
         for _ in range(self.h["linear_iters"]):
             v = descend(v, tree.sub(lin.hvp(v), fw), step)
-        residual = norm(tree.sub(lin.hvp(v), fw))
+        residual = self.norm(tree.sub(lin.hvp(v), fw))
         d = hypergradient(fx, lin.mixed(v))
         state = {**state, "v": v}
-        return self.outer_update(state, d, w, {"inner_grad_norm": norm(g), "linear_residual": residual})
+        return self.outer_update(state, d, w, {"inner_grad_norm": self.norm(g), "linear_residual": residual})
 
 
 class BSA(DoubleLoop):
@@ -176,7 +177,7 @@ class BSA(DoubleLoop):
         v = tree.scale(total, alpha * terms / len(powers))
         d = hypergradient(fx, lin.mixed(v))
         state = {**state, "rng": generator.get_state()}
-        return self.outer_update(state, d, w, {"inner_grad_norm": norm(g)})
+        return self.outer_update(state, d, w, {"inner_grad_norm": self.norm(g)})
 
 
 class HOAG(DoubleLoop):
@@ -201,10 +202,10 @@ class HOAG(DoubleLoop):
         w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"], tol=tol)
         lin = self.oracles.linearize(w, x, last)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
-        solved = cg(lin.hvp, fw, iters=self.h["linear_iters"], tol=tol)
+        solved = cg(lin.hvp, fw, iters=self.h["linear_iters"], dot=self.comm.dot, tol=tol)
         d = hypergradient(fx, lin.mixed(solved.solution))
         state = {**state, "tol": tol * self.h["tol_decay"]}
-        metrics = {"inner_grad_norm": norm(g), "linear_residual": float(solved.residual), "tol": tol}
+        metrics = {"inner_grad_norm": self.norm(g), "linear_residual": float(solved.residual), "tol": tol}
         return self.outer_update(state, d, w, metrics)
 
 
@@ -234,4 +235,4 @@ class ITD(DoubleLoop):
         )
         w = tree.detach(w)
         g = self.oracles.inner_grad(w, tree.detach(x), cycle[-1])
-        return self.outer_update(state, d, w, {"inner_grad_norm": norm(g)})
+        return self.outer_update(state, d, w, {"inner_grad_norm": self.norm(g)})

@@ -17,7 +17,6 @@ from bilevel_dist.algorithms.base import (
     fraction,
     lr,
     nonnegative,
-    norm,
     zeros,
 )
 from bilevel_dist.tree import Tree
@@ -86,9 +85,9 @@ class Penalty(Algorithm):
             w = descend(w, dw, state["inner_lr"] / shrink)
         dw, dx, g = self.gradients(state, w, x, inner_batch, outer_batch)
         x = descend(x, dx, state["outer_lr"] / shrink)
-        residual = norm(dw) ** 2 + norm(dx) ** 2
+        residual = self.norm(dw) ** 2 + self.norm(dx) ** 2
         state = {**state, "inner": w, "outer": x, "t": state["t"] + 1, "stage_steps": state["stage_steps"] + 1}
-        metrics = {"hypergrad_norm": norm(dx), "penalty_gamma": state["gamma"], "penalty_residual": residual**0.5}
+        metrics = {"hypergrad_norm": self.norm(dx), "penalty_gamma": state["gamma"], "penalty_residual": residual**0.5}
         if residual <= state["epsilon"] ** 2:
             gamma = state["gamma"] * self.h["gamma_factor"]
             state |= {
@@ -101,7 +100,7 @@ class Penalty(Algorithm):
             }
             if self.h["multiplier"]:
                 state["nu"] = tree.axpy(gamma, g, state["nu"])
-        metrics |= {"inner_grad_norm": norm(g), "penalty_epsilon": state["epsilon"]}
+        metrics |= {"inner_grad_norm": self.norm(g), "penalty_epsilon": state["epsilon"]}
         return state, metrics
 
 
@@ -127,13 +126,13 @@ class BOME(Algorithm):
         gx_hat = self.oracles.inner_grads(approx, x, inner_batch)[1]
         qw, qx = gw, tree.sub(gx, gx_hat)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
-        q_sq = float(tree.dot(qw, qw) + tree.dot(qx, qx))
-        inner_product = float(tree.dot(fw, qw) + tree.dot(fx, qx))
+        q_sq = float(self.comm.dot(qw, qw) + self.comm.dot(qx, qx))
+        inner_product = float(self.comm.dot(fw, qw) + self.comm.dot(fx, qx))
         lam = max(self.h["eta"] * q_sq - inner_product, 0.0) / max(q_sq, 1e-30)
         dw, dx = tree.axpy(lam, qw, fw), tree.axpy(lam, qx, fx)
         step = decayed(self.h["outer_lr"], state["t"], self.h["outer_decay"])
         state = {**state, "inner": descend(w, dw, step), "outer": descend(x, dx, step), "t": state["t"] + 1}
-        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(gw), "bome_lambda": lam}
+        return state, {"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(gw), "bome_lambda": lam}
 
 
 class F2SA(Algorithm):
@@ -174,4 +173,4 @@ class F2SA(Algorithm):
             "lam": min(lam + self.h["lam_growth"], self.h["lam_max"]),
             "t": state["t"] + 1,
         }
-        return state, {"hypergrad_norm": norm(d), "f2sa_lambda": lam}
+        return state, {"hypergrad_norm": self.norm(d), "f2sa_lambda": lam}

@@ -20,7 +20,6 @@ from bilevel_dist.algorithms.base import (
     fraction,
     hypergradient,
     lr,
-    norm,
     zeros,
 )
 from bilevel_dist.linalg import neumann
@@ -72,7 +71,11 @@ class SOBA(SingleLoop):
         dw, dv, dx = self.soba_directions(w, v, x, inner_batch, outer_batch)
         state = {**state, "inner": descend(w, dw, rho), "v": descend(v, dv, rho), "outer": descend(x, dx, gamma)}
         state["t"] = t + 1
-        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(dw), "linear_residual": norm(dv)}
+        return state, {
+            "hypergrad_norm": self.norm(dx),
+            "inner_grad_norm": self.norm(dw),
+            "linear_residual": self.norm(dv),
+        }
 
 
 class FSLA(SOBA):
@@ -103,7 +106,11 @@ class FSLA(SOBA):
             "outer": descend(x, dx, gamma),
             "t": t + 1,
         }
-        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(dw), "linear_residual": norm(dv)}
+        return state, {
+            "hypergrad_norm": self.norm(dx),
+            "inner_grad_norm": self.norm(dw),
+            "linear_residual": self.norm(dv),
+        }
 
 
 _NEUMANN = {**_STEPS, "neumann_terms": (10, count), "linear_lr": (None, lr)}
@@ -121,7 +128,7 @@ class TTSA(SingleLoop):
         rho, gamma = self.rates(t)
         dw, dx = self.neumann_directions(w, x, inner_batch, outer_batch)
         state = {**state, "inner": descend(w, dw, rho), "outer": descend(x, dx, gamma), "t": t + 1}
-        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(dw)}
+        return state, {"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(dw)}
 
 
 class MRBO(SingleLoop):
@@ -155,7 +162,7 @@ class MRBO(SingleLoop):
         new_x = descend(x, d, gamma)
         new_w = descend(w, u, rho)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "inner": new_w, "outer": new_x, "t": t + 1}
-        return state, {"hypergrad_norm": norm(d), "inner_grad_norm": norm(u)}
+        return state, {"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)}
 
 
 class SUSTAIN(MRBO):
@@ -180,4 +187,4 @@ class SUSTAIN(MRBO):
             u = tree.axpy(keep, tree.sub(state["u"], old_u), u)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "t": t + 1}
         state["inner"], state["outer"] = descend(w, u, rho), new_x
-        return state, {"hypergrad_norm": norm(d), "inner_grad_norm": norm(u)}
+        return state, {"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bilevel_dist import tree
-from bilevel_dist.algorithms.base import Metrics, State, count, descend, norm, zeros
+from bilevel_dist.algorithms.base import Metrics, State, count, descend, zeros
 from bilevel_dist.algorithms.single_loop import _NEUMANN, _STEPS, SingleLoop
 from bilevel_dist.linalg import linearize, loss_grads
 from bilevel_dist.problem import BilevelProblem
@@ -95,7 +95,11 @@ class SABA(SingleLoop):
             "memory_mean": means,
             "t": t + 1,
         }
-        return state, {"hypergrad_norm": norm(dx), "inner_grad_norm": norm(dw), "linear_residual": norm(dv)}
+        return state, {
+            "hypergrad_norm": self.norm(dx),
+            "inner_grad_norm": self.norm(dw),
+            "linear_residual": self.norm(dv),
+        }
 
 
 def _mean0(t: Tree) -> Tree:
@@ -159,7 +163,7 @@ class SRBA(_Recursive):
             "outer": descend(point["outer"], est["x"], gamma),
             "t": t + 1,
         }
-        return state, {"hypergrad_norm": norm(est["x"]), "inner_grad_norm": norm(est["w"])}
+        return state, {"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(est["w"])}
 
 
 class VRBO(_Recursive):
@@ -195,7 +199,7 @@ class VRBO(_Recursive):
             old_w, old_x = w, x
         # The stored estimate stays the one at ``point``: the next recursion differences from there.
         state = {**state, "prev": point, "estimate": est, "inner": w, "outer": x, "t": t + 1}
-        return state, {"hypergrad_norm": norm(est["x"]), "inner_grad_norm": norm(u)}
+        return state, {"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(u)}
 
 
 __all__ = ["SABA", "SRBA", "VRBO"]

@@ -1,0 +1,293 @@
+"""``BilevelModule``: a ``LightningModule`` that runs one bilevel algorithm step per training step.
+
+A user subclasses it with the two losses and the starting variables; the module builds the
+:class:`~bilevel_dist.problem.BilevelProblem` and the algorithm named in ``algorithm`` and works
+with ``lightning.Trainer`` unchanged (devices, DDP, precision, ``max_steps``, validation, test).
+
+Distribution goes through :class:`~bilevel_dist.distributed.Comm`, never through DDP's reducer:
+every oracle the algorithm calls is averaged across ranks, leaves named in ``per_sample`` are
+sharded by rows (each rank keeps the rows of the samples it owns) and gathered for checkpoints.
+Replicated variables are the module's parameters, so they are in ``state_dict`` and are
+broadcast from rank 0 when DDP starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from bilevel_dist import algorithms
+from bilevel_dist._checks import ConfigError
+from bilevel_dist.distributed import Comm, local_rows
+from bilevel_dist.problem import BilevelProblem, check_tree
+from bilevel_dist.tree import Tree
+
+_LEVELS = ("outer", "inner")
+
+
+class _StepCounter(torch.optim.Optimizer):
+    """Lets Lightning count algorithm steps (``global_step``, ``max_steps``, checkpoint cadence);
+    the algorithm itself updates the variables."""
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: Any = None) -> Any:  # noqa: D102
+        return closure() if closure is not None else None
+
+
+class BilevelModule(L.LightningModule):
+    """Runs a bilevel algorithm from :mod:`bilevel_dist.algorithms` under Lightning.
+
+    Subclasses define :meth:`configure_variables`, :meth:`inner_loss` and :meth:`outer_loss`;
+    training batches are ``{"inner": ..., "outer": ...}`` (:class:`BilevelDataModule`).
+
+    Args:
+        algorithm: ``{"name": <registered name>, **hyperparameters}``, e.g.
+            ``{"name": "soba", "inner_lr": 0.1}``.
+        per_sample: names of variables with one row per training sample (or task) that are
+            sharded across ranks; their losses index them with the batch's ``"index"``.
+    """
+
+    def __init__(self, algorithm: dict[str, Any] | None = None, per_sample: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        spec = dict(algorithm or {})
+        name = spec.pop("name", "aid")
+        self.comm = Comm(sharded=per_sample)
+        try:
+            self.algorithm = algorithms.get(name, problem=self.problem, comm=self.comm, **spec)
+        except ConfigError as error:
+            raise error.under("algorithm") from None
+        self.algorithm_name = name
+        self._state: dict[str, Any] | None = None
+        self._restored: dict[str, Any] | None = None
+        self._rows: dict[str, int] = {}
+        self._last_step_end: float | None = None
+
+    # -- what a subclass defines -------------------------------------------------------------
+    def configure_variables(self) -> tuple[Tree, Tree]:
+        """The starting ``(outer, inner)`` trees, full size (per-sample leaves with all rows)."""
+        raise NotImplementedError
+
+    def inner_loss(self, inner: Tree, outer: Tree, batch: Any) -> Tensor:
+        """The lower-level loss ``g`` on one batch."""
+        raise NotImplementedError
+
+    def outer_loss(self, inner: Tree, outer: Tree, batch: Any) -> Tensor:
+        """The upper-level loss ``f`` on one batch."""
+        raise NotImplementedError
+
+    # -- variables and state -----------------------------------------------------------------
+    @property
+    def problem(self) -> BilevelProblem:
+        """The bilevel problem made of this module's two losses."""
+        return BilevelProblem(self.inner_loss, self.outer_loss)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """This rank's algorithm state: variables (per-sample leaves: this rank's rows) and buffers."""
+        self._build()
+        self._sync_state()
+        assert self._state is not None
+        return self._state
+
+    @property
+    def outer(self) -> Tree:
+        """This rank's outer variables."""
+        return self.state["outer"]
+
+    @property
+    def inner(self) -> Tree:
+        """This rank's inner variables."""
+        return self.state["inner"]
+
+    def gathered(self, level: str) -> Tree:
+        """The full ``"outer"`` or ``"inner"`` tree, per-sample rows gathered from every rank
+        (a collective: call it on all ranks)."""
+        return {k: self._gather(k, v) for k, v in self.state[level].items()}
+
+    def _gather(self, key: str, value: Tensor) -> Tensor:
+        return self.comm.gather_rows(value, self._rows[key]) if key in self._rows else value
+
+    def _build(self) -> None:
+        """Creates the variables once: replicated leaves become parameters, per-sample leaves
+        are cut to this rank's rows."""
+        if self._state is not None or hasattr(self, "outer_vars"):
+            return
+        outer, inner = self.configure_variables()
+        for level, tree in zip(_LEVELS, (outer, inner), strict=True):
+            check_tree(tree, f"configure_variables() {level}")
+        trees = {"outer": outer, "inner": inner}
+        unknown = sorted(self.comm.sharded - set(outer) - set(inner))
+        if unknown:
+            raise ConfigError("per_sample", f"per_sample names {unknown[0]!r}, which is not a variable")
+        self._rows = {k: v.shape[0] for t in trees.values() for k, v in t.items() if k in self.comm.sharded}
+        local = {
+            level: {k: self.comm.scatter_rows(v) if k in self._rows else v for k, v in tree.items()}
+            for level, tree in trees.items()
+        }
+        for level in _LEVELS:
+            params = {k: nn.Parameter(v.detach().clone()) for k, v in local[level].items() if k not in self._rows}
+            setattr(self, f"{level}_vars", nn.ParameterDict(params))
+        if not any(True for _ in self.parameters()):
+            self.anchor = nn.Parameter(torch.zeros(()))  # DDP and the step counter need a parameter
+        self._local_init = local
+
+    def configure_model(self) -> None:
+        # under the strategy's init context: e.g. float64 tensors with precision="64-true"
+        self._build()
+
+    def _sync_state(self) -> None:
+        """Makes the algorithm state agree with the parameters (after a device or dtype move, or
+        a checkpoint load) and the parameters mirror the state."""
+        params = {level: dict(getattr(self, f"{level}_vars")) for level in _LEVELS}
+        reference = next(self.parameters())
+        if self._state is None:
+            local = self._local_init if self._restored is None else self._restore(self._restored)
+            self._restored = None
+            # the key order of configure_variables(), so that reductions sum in the same order
+            order = self._local_init
+            trees = {level: {k: params[level].get(k, local[level].get(k)) for k in order[level]} for level in _LEVELS}
+            if "buffers" in local:
+                self._state = {**_to(local["buffers"], reference), **_to(trees, reference)}
+            else:
+                self._state = self.algorithm.init(*_to([trees["outer"], trees["inner"]], reference))
+        state = self._state
+        for level in _LEVELS:
+            tree = state[level]
+            for key, param in params[level].items():
+                if tree[key].device != param.device or tree[key].dtype != param.dtype:
+                    self._state = state = _to(state, param)
+                    tree = state[level]
+                param.data = tree[key].detach()
+
+    def _restore(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """The local state from a checkpoint's gathered one."""
+        if saved["algorithm"] != self.algorithm_name:
+            raise ConfigError(
+                "algorithm.name",
+                f"the checkpoint was written by {saved['algorithm']!r}, this run uses {self.algorithm_name!r}",
+            )
+        buffers = _map_sharded(saved["buffers"], self.comm.sharded, lambda k, v: self.comm.scatter_rows(v))
+        variables = {
+            level: _map_sharded(saved[level], self.comm.sharded, lambda k, v: self.comm.scatter_rows(v))
+            for level in _LEVELS
+        }
+        return {**variables, "buffers": buffers}
+
+    # -- training ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _StepCounter(self.parameters())
+
+    def on_fit_start(self) -> None:
+        self._sync_state()
+
+    def localize(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch with ``"index"`` pointing at this rank's rows of the per-sample variables
+        (the global ids stay under ``"id"``)."""
+        if not self._rows or "index" not in batch:
+            return batch
+        ids = batch["index"]
+        return {**batch, "id": ids, "index": local_rows(ids, self.comm.world_size)}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not isinstance(batch, dict) or set(batch) != {"inner", "outer"}:
+            raise TypeError('BilevelModule training batches must be {"inner": ..., "outer": ...}')
+        start = time.perf_counter()
+        self._sync_state()
+        inner_batch, outer_batch = self.localize(batch["inner"]), batch["outer"]
+        state, metrics = self.algorithm.step(self._state, inner_batch, outer_batch)
+        self._state = state
+        self._sync_state()
+        self.optimizers().step()
+        with torch.no_grad():
+            losses = {
+                "inner_loss": self.inner_loss(state["inner"], state["outer"], inner_batch).detach(),
+                "outer_loss": self.outer_loss(state["inner"], state["outer"], outer_batch).detach(),
+            }
+            losses = Comm().mean({k: v.reshape(1).to(torch.float64) for k, v in losses.items()})
+        now = time.perf_counter()
+        elapsed = now - (self._last_step_end or start)
+        self._last_step_end = now
+        size = _batch_size(batch["inner"]) * self.comm.world_size
+        logged = {**{k: float(v) for k, v in losses.items()}, **metrics, "samples_per_sec": size / elapsed}
+        shown = ("outer_loss", "samples_per_sec")  # also on the progress bar
+        self.log_dict(
+            {k: v for k, v in logged.items() if k not in shown}, on_step=True, on_epoch=False, batch_size=size
+        )
+        self.log_dict({k: logged[k] for k in shown}, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_end = None
+
+    # -- evaluation --------------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._sync_state()
+
+    def on_test_start(self) -> None:
+        self._sync_state()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self.outer_loss(self.inner, self.outer, batch)
+        self.log("val_outer_loss", loss, sync_dist=True, batch_size=_batch_size(batch))
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self.outer_loss(self.inner, self.outer, batch)
+        self.log("test_outer_loss", loss, sync_dist=True, batch_size=_batch_size(batch))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.state
+        gather = lambda k, v: self._gather(k, v)  # noqa: E731
+        buffers = {k: v for k, v in state.items() if k not in _LEVELS}
+        checkpoint["bilevel"] = {
+            "algorithm": self.algorithm_name,
+            # replicated variables are in state_dict; per-sample rows are gathered from every rank
+            "outer": {k: gather(k, v) for k, v in state["outer"].items() if k in self._rows},
+            "inner": {k: gather(k, v) for k, v in state["inner"].items() if k in self._rows},
+            "buffers": _map_sharded(buffers, self.comm.sharded, gather),
+            "rng": torch.get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("bilevel")
+        if saved is None:
+            raise ValueError("the checkpoint has no 'bilevel' entry: it was not written by a BilevelModule")
+        self._build()
+        self._restored = saved
+        self._state = None
+        torch.set_rng_state(saved["rng"])
+
+
+def _to(obj: Any, like: Tensor) -> Any:
+    """Moves every tensor of a nested state to ``like``'s device (floating ones to its dtype)."""
+    if isinstance(obj, Tensor):
+        dtype = like.dtype if obj.is_floating_point() else obj.dtype
+        return obj.to(device=like.device, dtype=dtype)
+    if isinstance(obj, dict):
+        return {k: _to(v, like) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, like) for v in obj)
+    return obj
+
+
+def _map_sharded(obj: Any, sharded: frozenset[str], fn: Any) -> Any:
+    """Applies ``fn(key, tensor)`` to every tensor stored under a sharded name in a nested state."""
+    if isinstance(obj, dict):
+        return {
+            k: fn(k, v) if k in sharded and isinstance(v, Tensor) else _map_sharded(v, sharded, fn)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_sharded(v, sharded, fn) for v in obj)
+    return obj
+
+
+def _batch_size(batch: dict[str, Tensor]) -> int:
+    return len(batch["index"]) if "index" in batch else len(next(iter(batch.values())))

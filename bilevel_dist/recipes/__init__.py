@@ -1,0 +1,1 @@
+"""Recipes: ready-made bilevel experiments run with ``bilevel-dist fit --config recipes/...``."""

@@ -1,0 +1,271 @@
+"""The Lightning engine: paired data streams, 2-process DDP equal to 1 process, bitwise resume after
+kill -9, logged metrics, checkpoints."""
+
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from bilevel_dist.lightning.data import StepSampler
+from bilevel_dist.recipes.data_denoising import Denoising, DigitsData
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import ddp_fit  # noqa: E402
+
+
+def trainer(**kwargs):
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**options, **kwargs})
+
+
+def test_rank_streams_are_disjoint_shards_and_replay_in_one_process():
+    data = DigitsData(inner_batch_size=16, outer_batch_size=10, shards=2)
+    one = data.paired_steps()
+    ranks = []
+    for rank in range(2):
+        steps = data.paired_steps()
+        steps.rank, steps.world = rank, 2
+        ranks.append(steps)
+    for t in (0, 5, 71, 200):  # 71 steps make one epoch of a 573-row shard
+        inner = [r[t]["inner"]["index"] for r in ranks]
+        assert all(bool((ids % 2 == rank).all()) for rank, ids in enumerate(inner))
+        assert len(set(torch.cat(inner).tolist())) == 32
+        assert torch.equal(one[t]["inner"]["index"], torch.cat(inner))
+        assert torch.equal(one[t]["outer"]["index"], torch.cat([r[t]["outer"]["index"] for r in ranks]))
+        assert torch.equal(one[t]["inner"]["x"], data.problem.x_train[one[t]["inner"]["index"]])
+    epoch = torch.cat([ranks[0][t]["inner"]["index"] for t in range(len(ranks[0]))])
+    assert len(set(epoch.tolist())) == len(epoch) == 35 * 16  # one epoch draws each sample once
+
+
+def test_replicated_stream_splits_one_global_batch():
+    data = DigitsData(inner_batch_size=16, outer_batch_size=10, per_sample=False)
+    wide = DigitsData(inner_batch_size=32, outer_batch_size=20, per_sample=False).paired_steps()
+    steps = [data.paired_steps() for _ in range(2)]
+    for rank, s in enumerate(steps):
+        s.rank, s.world = rank, 2
+        s.inner_stream = wide.inner_stream
+        s.outer_stream = wide.outer_stream
+    for t in (0, 40):
+        assert torch.equal(wide[t]["inner"]["index"], torch.cat([s[t]["inner"]["index"] for s in steps]))
+
+
+def test_step_sampler_continues_from_the_position_to_the_epoch_end():
+    position = [0]
+    sampler = StepSampler(5, lambda: position[0])
+    assert list(sampler) == [0, 1, 2, 3, 4]
+    position[0] = 7
+    assert list(sampler) == [7, 8, 9]
+    own = StepSampler(4)
+    assert list(own) == [0, 1, 2, 3] and list(own) == [4, 5, 6, 7]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_and_naive_penalty_differs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "ddp_fit.py"), str(tmp_path), "2"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = {}
+    for name in ddp_fit.RUNS:
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)]
+        reference_name = "penalty" if name == "naive_penalty" else name
+        reference = ddp_fit.fit(reference_name, devices=1, shards=2)
+        assert len(ranks[0]) == len(ranks[1]) == len(reference) == ddp_fit.STEPS
+        worst[name] = 0.0
+        for step, (r0, r1, one) in enumerate(zip(*ranks, reference, strict=True)):
+            for level in ("outer", "inner"):
+                for key, value in r0["full"][level].items():
+                    assert torch.equal(value, r1["full"][level][key]), (name, step, key)
+                    worst[name] = max(worst[name], float((value - one["full"][level][key]).abs().max()))
+            for key, value in r0["own"]["inner"].items():  # the model is replicated: identical on every rank
+                assert torch.equal(value, r1["own"]["inner"][key])
+            sharded = ddp_fit.RUNS[name][1]
+            own = [r["own"]["outer"]["logit"] for r in (r0, r1)]
+            if sharded:  # each rank keeps only the weights of the samples it owns
+                assert [len(w) for w in own] == [574, 573]
+                assert torch.equal(own[0], r0["full"]["outer"]["logit"][0::2])
+                assert bool((r0["ids"] % 2 == 0).all()) and bool((r1["ids"] % 2 == 1).all())
+            else:
+                assert torch.equal(own[0], own[1]) and len(own[0]) == 1147
+    print(worst)
+    for name in ("aid", "aid_replicated", "soba", "penalty"):
+        assert worst[name] < 1e-6, (name, worst[name])
+    assert worst["naive_penalty"] > 1e-2  # squaring each rank's own gradient is a different method
+
+
+def _fit_cli(config, cwd, *extra, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "bilevel_dist.cli", "fit", "--config", str(config), *extra],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+RESUME_CONFIG = """
+seed_everything: 0
+model:
+  class_path: bilevel_dist.recipes.data_denoising.Denoising
+  init_args:
+    algorithm: {name: soba, inner_lr: 0.5, outer_lr: 20.0}
+data:
+  class_path: bilevel_dist.recipes.data_denoising.DigitsData
+  init_args: {inner_batch_size: 64, outer_batch_size: 50}
+trainer:
+  max_steps: 60
+  precision: 64-true
+  val_check_interval: 20
+  check_val_every_n_epoch: null
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:%s
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: checkpoints, save_last: true, every_n_train_steps: 10, save_top_k: -1}
+"""
+KILL = "\n    - class_path: kill_at.KillAt\n      init_args: {step: 37}"
+
+
+def _tree_equal(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_tree_equal(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def _last_val(path):
+    rows = [r for r in csv.DictReader(open(path)) if r.get("val_accuracy")]
+    return rows[-1]
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_from_last_checkpoint_is_bitwise_equal(tmp_path):
+    (tmp_path / "fit.yaml").write_text(RESUME_CONFIG % "")
+    (tmp_path / "kill.yaml").write_text(RESUME_CONFIG % KILL)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    whole.mkdir(), broken.mkdir()
+    assert _fit_cli(tmp_path / "fit.yaml", whole).returncode == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    killed = _fit_cli(tmp_path / "kill.yaml", broken, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    saved = torch.load(broken / "checkpoints/last.ckpt", weights_only=True)  # intact after the kill
+    assert saved["global_step"] == 30
+    resumed = _fit_cli(tmp_path / "fit.yaml", broken, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 60
+    assert _tree_equal(a["state_dict"], b["state_dict"])
+    assert _tree_equal(a["bilevel"], b["bilevel"])  # per-sample weights, SOBA's v, t, RNG
+    final_whole = _last_val(whole / "logs/lightning_logs/version_0/metrics.csv")
+    final_resumed = _last_val(broken / "logs/lightning_logs/version_1/metrics.csv")
+    assert final_whole["step"] == final_resumed["step"] == "59"
+    for key in ("val_accuracy", "val_outer_loss"):
+        assert float(final_whole[key]) == float(final_resumed[key])
+    assert float(final_whole["val_accuracy"]) > 0.85
+
+
+def test_every_step_logs_the_algorithm_metrics_and_losses(tmp_path):
+    data = DigitsData(inner_batch_size=64, outer_batch_size=50)
+    model = Denoising(algorithm={"name": "penalty", "inner_lr": 0.2, "outer_lr": 20.0, "gamma": 5.0})
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    fit = trainer(max_steps=6, logger=logger, log_every_n_steps=1)
+    fit.fit(model, data)
+    rows = list(csv.DictReader(open(glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)[0])))
+    assert [int(r["step"]) for r in rows] == list(range(6))
+    for key in ("outer_loss", "inner_loss", "inner_grad_norm", "hypergrad_norm", "penalty_gamma", "samples_per_sec"):
+        values = [float(r[key]) for r in rows]
+        assert all(v > 0 and v == v for v in values), key
+    assert float(rows[0]["penalty_gamma"]) == pytest.approx(5.0)
+    assert set(fit.progress_bar_metrics) >= {"outer_loss", "samples_per_sec"}
+    # the logged outer loss is the clean-validation loss at the variables after the step
+    last = data.paired_steps()[5]["outer"]
+    with torch.no_grad():
+        expected = model.outer_loss(
+            model.inner, model.outer, {k: v.double() for k, v in last.items()} | {"y": last["y"]}
+        )
+    assert float(rows[-1]["outer_loss"]) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_tensorboard_and_offline_wandb_receive_the_same_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = DigitsData(inner_batch_size=64, outer_batch_size=50)
+    model = Denoising(algorithm={"name": "soba", "inner_lr": 0.5, "outer_lr": 20.0})
+    tb = TensorBoardLogger(tmp_path / "tb")
+    wb = WandbLogger(project="bilevel-test", save_dir=str(tmp_path), offline=True)
+    fit = trainer(max_steps=4, logger=[tb, wb], log_every_n_steps=1)
+    fit.fit(model, data)
+    summary = float(wb.experiment.summary["outer_loss"])
+    wb.experiment.finish()
+    events = EventAccumulator(tb.log_dir)
+    events.Reload()
+    outer = [e.value for e in events.Scalars("outer_loss")]
+    assert len(outer) == 4
+    assert outer[-1] == pytest.approx(float(fit.logged_metrics["outer_loss"]), rel=1e-6)
+    assert summary == pytest.approx(outer[-1], rel=1e-6)
+    runs = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
+    assert len(runs) == 1
+    record = Path(runs[0]).read_bytes()  # the offline run holds the history, ready for `wandb sync`
+    for key in (b"outer_loss", b"hypergrad_norm", b"linear_residual", b"samples_per_sec"):
+        assert key in record
+
+
+def test_validate_test_and_load_from_checkpoint(tmp_path):
+    data = DigitsData(inner_batch_size=64, outer_batch_size=50)
+    model = Denoising(algorithm={"name": "aid", "inner_steps": 5, "outer_lr": 10.0})
+    fit = trainer(max_steps=40, default_root_dir=tmp_path, enable_checkpointing=True)
+    fit.fit(model, data)
+    path = tmp_path / "final.ckpt"
+    fit.save_checkpoint(path)
+    tested = fit.test(model, data, verbose=False)[0]
+    problem = data.problem
+    assert tested["test_accuracy"] == pytest.approx(
+        1 - problem.test_error({k: v.float() for k, v in model.inner.items()})
+    )
+    assert tested["test_accuracy"] > 0.8
+    loaded = Denoising.load_from_checkpoint(path)
+    validated = trainer(limit_val_batches=1.0).validate(loaded, data, verbose=False)[0]
+    assert validated["val_accuracy"] == pytest.approx(
+        trainer(limit_val_batches=1.0).validate(model, data, verbose=False)[0]["val_accuracy"]
+    )
+    assert torch.equal(loaded.outer["logit"], model.outer["logit"].to(loaded.outer["logit"].dtype))
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    torch.set_default_dtype(torch.float32)  # the conftest's float64 default would outrank "32-true"
+    data = DigitsData(inner_batch_size=64, outer_batch_size=50)
+    accuracy = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = Denoising(algorithm={"name": "soba", "inner_lr": 0.5, "outer_lr": 20.0})
+        fit = trainer(max_steps=60, precision=precision)
+        fit.fit(model, data)
+        accuracy[precision] = fit.test(model, data, verbose=False)[0]["test_accuracy"]
+    assert accuracy["bf16-mixed"] > 0.8
+    assert abs(accuracy["bf16-mixed"] - accuracy["32-true"]) < 0.05
