@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 
+from bilevel_dist import algorithms
 from bilevel_dist.lightning.data import StepSampler
 from bilevel_dist.recipes.data_denoising import Denoising, DigitsData
 
@@ -269,3 +270,26 @@ def test_bf16_mixed_precision_trains(tmp_path):
         accuracy[precision] = fit.test(model, data, verbose=False)[0]["test_accuracy"]
     assert accuracy["bf16-mixed"] > 0.8
     assert abs(accuracy["bf16-mixed"] - accuracy["32-true"]) < 0.05
+
+
+@pytest.mark.parametrize("name", sorted(algorithms.REGISTRY))
+def test_module_steps_equal_the_bare_algorithm_loop(name):
+    data = DigitsData(inner_batch_size=64, outer_batch_size=50)
+    model = Denoising(algorithm={"name": name})
+    trainer(max_steps=4).fit(model, data)
+    steps = data.paired_steps()
+    full_inner, full_outer = data.full_batches()
+    from_data = {"saba": {"n_inner": 1147, "n_outer": 150}}.get(name, {})
+    if name in ("srba", "vrbo"):
+        from_data = {"full_batches": (full_inner, full_outer)}
+    bare = algorithms.get(name, problem=model.problem, **from_data)
+    outer, inner = model.configure_variables()
+    state = bare.init(outer, inner)
+    double = lambda batch: {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}  # noqa: E731
+    if name in ("srba", "vrbo"):
+        bare.full_batches = (double(full_inner), double(full_outer))
+    for t in range(4):
+        state, _ = bare.step(state, double(steps[t]["inner"]), double(steps[t]["outer"]))
+    for level in ("outer", "inner"):
+        for key, value in state[level].items():
+            assert torch.equal(model.state[level][key], value), (name, key)

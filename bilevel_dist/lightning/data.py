@@ -229,6 +229,16 @@ class BilevelDataModule(L.LightningDataModule):
                 raise ConfigError(key, f"{key} × processes exceeds the {n} samples of the dataset")
         return PairedSteps(inner, outer, inner_stream, outer_stream, rank, world, shards)
 
+    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """This rank's share of every inner and every outer sample (for full-pass algorithms)."""
+        inner, outer, _ = self.splits
+        rank, world, _ = self._world()
+        if self.per_sample:
+            inner_ids = shard_rows(len(inner), rank, world)
+        else:
+            inner_ids = torch.arange(len(inner)).tensor_split(world)[rank]
+        return fetch(inner, inner_ids), fetch(outer, torch.arange(len(outer)).tensor_split(world)[rank])
+
     def train_dataloader(self) -> DataLoader:
         steps = self.paired_steps()
         trainer = self.trainer

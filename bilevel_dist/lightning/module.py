@@ -28,6 +28,12 @@ from bilevel_dist.problem import BilevelProblem, check_tree
 from bilevel_dist.tree import Tree
 
 _LEVELS = ("outer", "inner")
+# what SABA (memory sizes) and SRBA/VRBO (a full pass) take from the data, stood in for until setup
+_DATA_PLACEHOLDERS: dict[str, dict[str, Any]] = {
+    "saba": {"n_inner": 1, "n_outer": 1},
+    "srba": {"full_batches": (None, None)},
+    "vrbo": {"full_batches": (None, None)},
+}
 
 
 class _StepCounter(torch.optim.Optimizer):
@@ -60,11 +66,8 @@ class BilevelModule(L.LightningModule):
         spec = dict(algorithm or {})
         name = spec.pop("name", "aid")
         self.comm = Comm(sharded=per_sample)
-        try:
-            self.algorithm = algorithms.get(name, problem=self.problem, comm=self.comm, **spec)
-        except ConfigError as error:
-            raise error.under("algorithm") from None
-        self.algorithm_name = name
+        self.algorithm_name, self._spec = name, spec
+        self.algorithm = self._make_algorithm(_DATA_PLACEHOLDERS.get(name, {}))  # checks the settings now
         self._state: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
         self._rows: dict[str, int] = {}
@@ -139,9 +142,35 @@ class BilevelModule(L.LightningModule):
             self.anchor = nn.Parameter(torch.zeros(()))  # DDP and the step counter need a parameter
         self._local_init = local
 
+    def _make_algorithm(self, from_data: dict[str, Any]) -> algorithms.Algorithm:
+        try:
+            return algorithms.get(
+                self.algorithm_name, problem=self.problem, comm=self.comm, **{**from_data, **self._spec}
+            )
+        except ConfigError as error:
+            raise error.under("algorithm") from None
+
     def configure_model(self) -> None:
         # under the strategy's init context: e.g. float64 tensors with precision="64-true"
         self._build()
+        if self.algorithm_name in _DATA_PLACEHOLDERS and self._trainer is not None:
+            self.algorithm = self._make_algorithm(self._data_settings())
+
+    def _data_settings(self) -> dict[str, Any]:
+        """SABA's memory sizes or SRBA/VRBO's full batches, from the trainer's data module."""
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or not hasattr(data, "full_batches"):
+            raise ConfigError("algorithm.name", f"{self.algorithm_name} needs a BilevelDataModule for its full pass")
+        # as the training loop would hand them over: on the device, in the precision's dtype
+        inner, outer = (
+            self.trainer.precision_plugin.convert_input(self.trainer.strategy.batch_to_device(batch))
+            for batch in data.full_batches()
+        )
+        if self.algorithm_name == "saba":
+            if self.comm.world_size > 1:
+                raise ConfigError("algorithm.name", "saba keeps per-sample memory on one process: run it on 1 device")
+            return {"n_inner": len(inner["index"]), "n_outer": len(outer["index"])}
+        return {"full_batches": (self.localize(inner), outer)}
 
     def _sync_state(self) -> None:
         """Makes the algorithm state agree with the parameters (after a device or dtype move, or

@@ -36,9 +36,6 @@ class NaivePenalty(Penalty):
         return tree.add(fw, self.comm.mean(hv)), tree.add(fx, self.comm.mean(jv)), self.comm.mean(lin.grad)
 
 
-algorithms.REGISTRY["naive_penalty"] = NaivePenalty
-
-
 class Record(L.Callback):
     def __init__(self):
         self.steps = []
@@ -72,6 +69,7 @@ def fit(name: str, devices: int, shards: int) -> list:
 
 
 if __name__ == "__main__":
+    algorithms.REGISTRY["naive_penalty"] = NaivePenalty
     out, devices = sys.argv[1], int(sys.argv[2])
     for name in RUNS:
         steps = fit(name, devices, shards=2)
