@@ -55,22 +55,25 @@ class Comm:
 
     def mean(self, tree: Tree) -> Tree:
         """Averages every tensor of ``tree`` over the ranks (differentiably when it needs grad);
-        a sharded leaf is only scaled by ``1/W``: no other rank contributes to its rows."""
+        a sharded leaf is only scaled by ``1/W``: no other rank contributes to its rows. The
+        replicated leaves travel in one flat buffer: one all-reduce per call."""
         if not self.active:
             return tree
-        out = {}
-        for key, value in tree.items():
-            if key in self.sharded:
-                out[key] = value / self.world_size
-            elif value.requires_grad:
+        world = self.world_size
+        out = {k: tree[k] / world for k in tree if k in self.sharded}
+        dtypes = {tree[k].dtype for k in tree if k not in self.sharded}
+        for dtype in dtypes:  # one buffer per dtype (usually one)
+            shared = [k for k in tree if k not in self.sharded and tree[k].dtype == dtype]
+            flat = torch.cat([tree[k].reshape(-1) for k in shared])
+            if flat.requires_grad:
                 from torch.distributed.nn.functional import all_reduce
 
-                out[key] = all_reduce(value, group=self.group) / self.world_size
+                flat = all_reduce(flat, group=self.group)
             else:
-                reduced = value.clone()
-                dist.all_reduce(reduced, group=self.group)
-                out[key] = reduced / self.world_size
-        return out
+                dist.all_reduce(flat, group=self.group)
+            parts = flat.div(world).split([tree[k].numel() for k in shared])
+            out |= {k: part.view_as(tree[k]) for k, part in zip(shared, parts, strict=True)}
+        return {k: out[k] for k in tree}
 
     def mean_value(self, value: Tensor) -> Tensor:
         """Averages one tensor over the ranks."""

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import lightning as L
 import torch
 
 import bilevel_dist as bd
@@ -38,3 +39,17 @@ def test_readme_algorithm_example_runs(tmp_path, monkeypatch):
     assert quadratic.hypergradient(state["outer"])["x"].norm() < 0.1 * start
     loaded = torch.load(tmp_path / "soba.pt", weights_only=True)
     assert torch.equal(loaded["outer"]["x"], state["outer"]["x"])
+
+
+def test_readme_lightning_example_tunes_feature_decays(capsys):
+    torch.set_default_dtype(torch.float32)  # as in a fresh interpreter (the conftest sets float64)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    namespace: dict = {}
+    exec(compile(blocks[2], "README.md", "exec"), namespace)
+    model, trainer, data = namespace["model"], namespace["trainer"], namespace["data"]
+    assert trainer.global_step == 50
+    start = namespace["FeatureDecay"](algorithm={"name": "aid", "inner_steps": 20, "inner_lr": 0.5})
+    before = L.Trainer(logger=False, enable_progress_bar=False).validate(start, data, verbose=False)[0]
+    after = trainer.validate(model, data, verbose=False)[0]
+    assert after["val_outer_loss"] < before["val_outer_loss"]
+    assert not torch.equal(model.outer["log_decay"], torch.full((64,), -4.0, dtype=model.outer["log_decay"].dtype))

@@ -76,13 +76,22 @@ class _Stream:
     def __init__(self, pools: list[Tensor], batch_size: int, seed: int, split: bool) -> None:
         self.pools, self.batch_size, self.seed, self.split = pools, batch_size, seed, split
         self.steps_per_epoch = min(len(p) for p in pools) // batch_size
+        self._orders: dict[tuple[int, int], Tensor] = {}
 
     def ids(self, t: int, part: int, parts: int) -> Tensor:
         epoch, k = divmod(t, self.steps_per_epoch)
-        pool = self.pools[0 if self.split else part]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 4099 + (0 if self.split else part))
-        chunk = pool[torch.randperm(len(pool), generator=gen)][k * self.batch_size : (k + 1) * self.batch_size]
+        order = self._order(epoch, 0 if self.split else part)
+        chunk = order[k * self.batch_size : (k + 1) * self.batch_size]
         return chunk.tensor_split(parts)[part] if self.split else chunk
+
+    def _order(self, epoch: int, pool: int) -> Tensor:
+        """The shuffled pool of one epoch (the latest ones cached: one shuffle per epoch)."""
+        key = (epoch, pool)
+        if key not in self._orders:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 4099 + pool)
+            self._orders = {k: v for k, v in self._orders.items() if k[0] == epoch}
+            self._orders[key] = self.pools[pool][torch.randperm(len(self.pools[pool]), generator=gen)]
+        return self._orders[key]
 
 
 class PairedSteps(Dataset):

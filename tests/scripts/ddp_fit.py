@@ -46,7 +46,7 @@ class Record(L.Callback):
         self.steps.append({"own": own, "full": full, "ids": batch["inner"]["index"].clone()})
 
 
-def fit(name: str, devices: int, shards: int) -> list:
+def fit(name: str, devices: int, shards: int, checkpoint: str | None = None) -> list:
     spec, sharded = RUNS[name]
     data = DigitsData(inner_batch_size=32, outer_batch_size=25, shards=shards)
     model = Denoising(n_train=data.n_train, algorithm=spec, shard_weights=sharded)
@@ -65,6 +65,8 @@ def fit(name: str, devices: int, shards: int) -> list:
         callbacks=[record],
     )
     trainer.fit(model, data)
+    if checkpoint:  # every rank takes part: the per-sample rows are gathered into it
+        trainer.save_checkpoint(checkpoint)
     return record.steps
 
 
@@ -72,6 +74,6 @@ if __name__ == "__main__":
     algorithms.REGISTRY["naive_penalty"] = NaivePenalty
     out, devices = sys.argv[1], int(sys.argv[2])
     for name in RUNS:
-        steps = fit(name, devices, shards=2)
+        steps = fit(name, devices, shards=2, checkpoint=f"{out}/{name}.ckpt" if name == "aid" else None)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         torch.save(steps, f"{out}/{name}_rank{rank}.pt")
