@@ -111,6 +111,7 @@ def lightning_run(setup: str, devices: int, progress_bar: bool = True) -> dict:
 def bare_run(setup: str) -> dict:
     """The same algorithm and batches in a plain Python loop (batches prepared in advance)."""
     data, model = make(setup)
+    data.per_sample = True  # as the trainer sets it for this model: per-sample weights
     steps = data.paired_steps()
     batches = [steps[t] for t in range(STEPS[setup])]
     algorithm = algorithms.get(model.algorithm_name, problem=model.problem, **model._spec)

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ConfigError as error:  # raised while running, e.g. a batch larger than the dataset
         origin = _origin(error)
-        key = error.key if origin == "trainer" else f"{origin}.init_args.{error.key}"
+        qualified = origin == "trainer" or error.key.startswith(("model.", "data.", "trainer."))
+        key = error.key if qualified else f"{origin}.init_args.{error.key}"
         print(f"bilevel-dist: error: {key}: {error}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bilevel_dist import hypergrad
@@ -122,3 +123,28 @@ def test_fit_then_test_from_the_command_line(tmp_path):
     header, values = metrics.splitlines()[:2]
     accuracy = float(dict(zip(header.split(","), values.split(","), strict=True))["test_accuracy"])
     assert accuracy > 0.85
+
+
+@pytest.mark.slow
+def test_two_process_cli_run_equals_one_process_replay(tmp_path):
+    """``--trainer.devices 2 --trainer.strategy ddp`` from the command line: the final per-sample
+    weights and model equal one process replaying the same global batches (``shards 2``)."""
+    common = ["--config", str(DIGITS), "--trainer.max_steps", "20", "--trainer.precision", "64-true"]
+    common += ["--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
+    runs = {}
+    for name, extra in {
+        "two": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
+        "one": ["--trainer.devices", "1", "--data.init_args.shards", "2"],
+    }.items():
+        (tmp_path / name).mkdir()
+        result = run_cli("fit", *common, *extra, cwd=tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = torch.load(tmp_path / name / "checkpoints/digits/last.ckpt", weights_only=True)
+    two, one = runs["two"], runs["one"]
+    assert two["global_step"] == one["global_step"] == 20
+    logit_two, logit_one = two["bilevel"]["outer"]["logit"], one["bilevel"]["outer"]["logit"]
+    assert logit_two.shape == (1147,)
+    assert float((logit_two - logit_one).abs().max()) < 1e-10
+    assert float(logit_two.abs().max()) > 1e-3  # the weights did move
+    for key, value in one["state_dict"].items():
+        assert float((two["state_dict"][key] - value).abs().max()) < 1e-10, key

@@ -38,7 +38,7 @@ def trainer(**kwargs):
 
 
 def test_rank_streams_are_disjoint_shards_and_replay_in_one_process():
-    data = DigitsData(inner_batch_size=16, outer_batch_size=10, shards=2)
+    data = DigitsData(inner_batch_size=16, outer_batch_size=10, shards=2, per_sample=True)
     one = data.paired_steps()
     ranks = []
     for rank in range(2):
@@ -321,3 +321,14 @@ def test_module_from_callables_matches_the_closed_form_direction(tmp_path):
     trainer(max_steps=1).fit(model, data)
     step = start["log_lambda"] - model.outer["log_lambda"]
     assert torch.allclose(step, 0.1 * expected, rtol=1e-8, atol=1e-12)
+
+
+def test_data_follows_the_model_sharding_and_refuses_a_contradiction():
+    data = DigitsData()
+    trainer(max_steps=1).fit(Denoising(algorithm={"name": "soba"}), data)
+    assert data.per_sample is True
+    replicated = DigitsData()
+    trainer(max_steps=1).fit(Denoising(algorithm={"name": "soba"}, shard_weights=False), replicated)
+    assert replicated.per_sample is False
+    with pytest.raises(ValueError, match="per_sample=False but the model shards per-sample variables"):
+        trainer(max_steps=1).fit(Denoising(algorithm={"name": "soba"}), DigitsData(per_sample=False))

@@ -7,10 +7,9 @@ resumed from a checkpoint at step ``t`` draws exactly the batches an uninterrupt
 
 Ranks: the outer stream (and the inner stream when no per-sample variables are sharded) draws a
 global batch of ``batch_size × world_size`` ids from one shuffled epoch and gives rank ``r`` the
-``r``-th chunk, so ``N`` processes see the global batch that one process with ``N×`` the batch
-size sees. With ``per_sample=True`` the inner stream of rank ``r`` draws only from the rows it owns
-(:func:`bilevel_dist.distributed.shard_rows`), where its per-sample variables live; ``shards=N`` in
-a single process replays the concatenated batches of an ``N``-rank run.
+``r``-th chunk. With ``per_sample=True`` the inner stream of rank ``r`` draws only from the rows
+it owns (:func:`bilevel_dist.distributed.shard_rows`), where its per-sample variables live.
+Either way ``shards=N`` in a single process replays the global batches of an ``N``-rank run.
 """
 
 from __future__ import annotations
@@ -163,10 +162,11 @@ class BilevelDataModule(L.LightningDataModule):
         outer_batch_size: outer samples per step and rank; ``None`` takes the whole outer set
             every step (split across ranks).
         eval_batch_size: batch size of the validation and test loaders.
-        per_sample: the model has per-sample outer variables sharded across ranks, so each rank
-            draws inner samples only from the rows it owns.
-        shards: in one process, replay the global batches of a ``shards``-rank run
-            (``per_sample`` only); default: the world size.
+        per_sample: whether the model's per-sample variables are sharded across ranks, so that
+            each rank draws inner samples only from the rows it owns; ``None`` (default): as the
+            :class:`BilevelModule` being trained says.
+        shards: in one process, replay the global batches of a ``shards``-rank run; default:
+            the world size.
         seed: seed of the sample order.
         num_workers: DataLoader worker processes.
     """
@@ -176,7 +176,7 @@ class BilevelDataModule(L.LightningDataModule):
         inner_batch_size: int = 64,
         outer_batch_size: int | None = 64,
         eval_batch_size: int = 512,
-        per_sample: bool = False,
+        per_sample: bool | None = None,
         shards: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
@@ -226,9 +226,8 @@ class BilevelDataModule(L.LightningDataModule):
             pools = [shard_rows(n_inner, r, shards) for r in range(shards)]
             inner_stream = _Stream(pools, self.inner_batch_size, self.seed, split=False)
         else:
-            inner_stream = _Stream([torch.arange(n_inner)], self.inner_batch_size * world, self.seed, split=True)
-        replicas = shards if self.per_sample else world  # ranks whose outer batches make one step
-        outer_size = self.outer_batch_size * replicas if self.outer_batch_size else n_outer
+            inner_stream = _Stream([torch.arange(n_inner)], self.inner_batch_size * shards, self.seed, split=True)
+        outer_size = self.outer_batch_size * shards if self.outer_batch_size else n_outer
         outer_stream = _Stream([torch.arange(n_outer)], outer_size, self.seed + 1, split=True)
         for key, stream, n in (
             ("inner_batch_size", inner_stream, n_inner),

@@ -170,6 +170,17 @@ class BilevelModule(L.LightningModule):
     def configure_model(self) -> None:
         # under the strategy's init context: e.g. float64 tensors with precision="64-true"
         self._build()
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if data is not None and hasattr(data, "per_sample"):
+            sharded = bool(self._rows)
+            if data.per_sample is None:
+                data.per_sample = sharded  # each rank must draw the samples whose rows it holds
+            elif data.per_sample != sharded:
+                raise ConfigError(
+                    "data.init_args.per_sample",
+                    f"per_sample={data.per_sample} but the model {'shards' if sharded else 'has no'} per-sample "
+                    "variables; leave it unset to follow the model",
+                )
         if self.algorithm_name in _DATA_PLACEHOLDERS and self._trainer is not None:
             self.algorithm = self._make_algorithm(self._data_settings())
 

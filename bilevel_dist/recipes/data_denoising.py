@@ -27,7 +27,6 @@ class DigitsData(BilevelDataModule):
     def __init__(
         self, noise: float = 0.5, n_val: int = 150, n_test: int = 500, split_seed: int = 0, **kwargs: Any
     ) -> None:
-        kwargs.setdefault("per_sample", True)
         super().__init__(**kwargs)
         if not isinstance(noise, (int, float)) or not 0 <= noise < 1:
             raise ConfigError("noise", f"noise must be a flip rate in [0, 1), got {noise!r}")
