@@ -310,7 +310,7 @@ class _WithIndex(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return fetch(self.dataset, torch.tensor([i]))
+        return {**self.dataset[i], "index": torch.tensor(i)}
 
     def __getitems__(self, ids: list[int]) -> dict[str, Tensor]:
         return fetch(self.dataset, torch.as_tensor(ids))

@@ -157,7 +157,11 @@ class BilevelModule(L.LightningModule):
             setattr(self, f"{level}_vars", nn.ParameterDict(params))
         if not any(True for _ in self.parameters()):
             self.anchor = nn.Parameter(torch.zeros(()))  # DDP and the step counter need a parameter
-        self._local_init = local
+        # configure_variables()'s key order, so that reductions always sum in the same order
+        self._key_order = {level: list(tree) for level, tree in trees.items()}
+        self._initial_rows = {
+            level: {k: v for k, v in tree.items() if k in self._rows} for level, tree in local.items()
+        }
 
     def _make_algorithm(self, from_data: dict[str, Any]) -> algorithms.Algorithm:
         try:
@@ -206,10 +210,9 @@ class BilevelModule(L.LightningModule):
         params = {level: dict(getattr(self, f"{level}_vars")) for level in _LEVELS}
         reference = next(self.parameters())
         if self._state is None:
-            local = self._local_init if self._restored is None else self._restore(self._restored)
-            self._restored = None
-            # the key order of configure_variables(), so that reductions sum in the same order
-            order = self._local_init
+            local = self._initial_rows if self._restored is None else self._restore(self._restored)
+            self._restored = self._initial_rows = None
+            order = self._key_order
             trees = {level: {k: params[level].get(k, local[level].get(k)) for k in order[level]} for level in _LEVELS}
             if "buffers" in local:
                 self._state = {**_to(local["buffers"], reference), **_to(trees, reference)}
