@@ -189,6 +189,7 @@ def test_kill9_then_resume_from_last_checkpoint_is_bitwise_equal(tmp_path):
     for key in ("val_accuracy", "val_outer_loss"):
         assert float(final_whole[key]) == float(final_resumed[key])
     assert float(final_whole["val_accuracy"]) > 0.85
+    print("final", final_whole, final_resumed)
 
 
 def test_every_step_logs_the_algorithm_metrics_and_losses(tmp_path):
