@@ -107,6 +107,7 @@ def test_two_process_ddp_equals_one_process_and_naive_penalty_differs(tmp_path):
                 assert bool((r0["ids"] % 2 == 0).all()) and bool((r1["ids"] % 2 == 1).all())
             else:
                 assert torch.equal(own[0], own[1]) and len(own[0]) == 1147
+    print("max |2 processes - 1 process|", worst)
     saved = torch.load(tmp_path / "aid.ckpt", weights_only=True)
     last = torch.load(tmp_path / "aid_rank0.pt", weights_only=True)[-1]["full"]
     assert torch.equal(saved["bilevel"]["outer"]["logit"], last["outer"]["logit"])  # all 1147 rows
