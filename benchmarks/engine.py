@@ -48,8 +48,9 @@ class MLPDenoising(Denoising):
     def configure_variables(self):
         outer, _ = super().configure_variables()
         gen = torch.Generator().manual_seed(0)
+        features = 64
         inner = {
-            "w1": torch.randn(self.features, self.hidden, generator=gen) / self.features**0.5,
+            "w1": torch.randn(features, self.hidden, generator=gen) / features**0.5,
             "b1": torch.zeros(self.hidden),
             "w2": torch.randn(self.hidden, self.classes, generator=gen) / self.hidden**0.5,
             "b2": torch.zeros(self.classes),
@@ -72,7 +73,7 @@ BATCH = {"mlp": 256, "linear": 64}
 def make(setup: str):
     data = DigitsData(inner_batch_size=BATCH[setup], outer_batch_size=50)
     cls = MLPDenoising if setup == "mlp" else Denoising
-    return data, cls(n_train=data.n_train, algorithm=SETUPS[setup])
+    return data, cls(n_train=data.n_train, input_shape=data.input_shape, algorithm=SETUPS[setup], baselines=())
 
 
 class StepClock(L.Callback):

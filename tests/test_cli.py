@@ -38,7 +38,12 @@ def test_print_config_applies_command_line_overrides(capsys):
     assert exit_.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "bilevel_dist.recipes.data_denoising.Denoising"
-    assert config["model"]["init_args"]["algorithm"] == {"name": "aid", "inner_lr": 0.5, "outer_lr": 20.0}
+    assert config["model"]["init_args"]["algorithm"] == {
+        "name": "aid",
+        "inner_steps": 5,
+        "inner_lr": 0.5,
+        "outer_lr": 100.0,
+    }
     assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
 
 
@@ -49,14 +54,14 @@ MALFORMED = [
         "model.init_args.algorithm.inner_steps: inner_steps must be > 0",
     ),
     (["--model.algorithm.outer_lr", "fast"], "model.init_args.algorithm.outer_lr: outer_lr must be a number"),
-    (["--model.algorithm.momentum", "0.9"], "model.init_args.algorithm.momentum: algorithm 'soba' has no"),
+    (["--model.algorithm.momentum", "0.9"], "model.init_args.algorithm.momentum: algorithm 'penalty' has no"),
     (["--model.init_args.reg", "abc"], "model.init_args.reg: Expected a <class 'float'>"),
     (["--model.init_args.bogus", "1"], "model: Option 'bogus' is not accepted"),
     (
         ["--model.class_path", "bilevel_dist.nope.Model"],
         "model: Problem with given class_path 'bilevel_dist.nope.Model'",
     ),
-    (["--data.init_args.noise", "1.5"], "data.init_args.noise: noise must be a flip rate in [0, 1)"),
+    (["--data.init_args.noise", "1.5"], "data.init_args.noise: noise must be a rate in [0, 1), got 1.5"),
     (["--data.init_args.inner_batch_size", "2.5"], "data.init_args.inner_batch_size: Expected a <class 'int'>"),
     (
         ["--data.init_args.inner_batch_size", "5000"],

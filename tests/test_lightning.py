@@ -51,7 +51,7 @@ def test_rank_streams_are_disjoint_shards_and_replay_in_one_process():
         assert len(set(torch.cat(inner).tolist())) == 32
         assert torch.equal(one[t]["inner"]["index"], torch.cat(inner))
         assert torch.equal(one[t]["outer"]["index"], torch.cat([r[t]["outer"]["index"] for r in ranks]))
-        assert torch.equal(one[t]["inner"]["x"], data.problem.x_train[one[t]["inner"]["index"]])
+        assert torch.equal(one[t]["inner"]["x"], data.x_train[one[t]["inner"]["index"]])
     epoch = torch.cat([ranks[0][t]["inner"]["index"] for t in range(len(ranks[0]))])
     assert len(set(epoch.tolist())) == len(epoch) == 35 * 16  # one epoch draws each sample once
 
@@ -113,7 +113,7 @@ def test_two_process_ddp_equals_one_process_and_naive_penalty_differs(tmp_path):
     assert torch.equal(saved["bilevel"]["outer"]["logit"], last["outer"]["logit"])  # all 1147 rows
     resumed = Denoising.load_from_checkpoint(tmp_path / "aid.ckpt")  # one process reads a 2-rank checkpoint
     assert torch.equal(resumed.outer["logit"], last["outer"]["logit"])
-    assert torch.equal(resumed.inner["weight"], last["inner"]["weight"])
+    assert torch.equal(resumed.inner["1.weight"], last["inner"]["1.weight"])
     for name in ("aid", "aid_replicated", "soba", "penalty"):
         assert worst[name] < 1e-6, (name, worst[name])
     assert worst["naive_penalty"] > 1e-2  # squaring each rank's own gradient is a different method
@@ -199,8 +199,11 @@ def test_every_step_logs_the_algorithm_metrics_and_losses(tmp_path):
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     fit = trainer(max_steps=6, logger=logger, log_every_n_steps=1)
     fit.fit(model, data)
-    rows = list(csv.DictReader(open(glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)[0])))
+    every = list(csv.DictReader(open(glob.glob(f"{tmp_path}/**/metrics.csv", recursive=True)[0])))
+    rows = [r for r in every if r["outer_loss"]]
     assert [int(r["step"]) for r in rows] == list(range(6))
+    final = [r for r in every if r.get("summary/method")]  # the end-of-fit summary row
+    assert len(final) == 1 and float(final[0]["summary/method"]) == pytest.approx(model.summary["method"])
     for key in ("outer_loss", "inner_loss", "inner_grad_norm", "hypergrad_norm", "penalty_gamma", "samples_per_sec"):
         values = [float(r[key]) for r in rows]
         assert all(v > 0 and v == v for v in values), key
@@ -253,10 +256,10 @@ def test_validate_test_and_load_from_checkpoint(tmp_path):
     path = tmp_path / "final.ckpt"
     fit.save_checkpoint(path)
     tested = fit.test(model, data, verbose=False)[0]
-    problem = data.problem
-    assert tested["test_accuracy"] == pytest.approx(
-        1 - problem.test_error({k: v.float() for k, v in model.inner.items()})
-    )
+    weight, bias = model.inner["1.weight"], model.inner["1.bias"]  # Flatten, then Linear
+    expected = ((data.x_test.to(weight) @ weight.T + bias).argmax(1) == data.y_test).double().mean()
+    assert tested["test_accuracy"] == pytest.approx(float(expected))
+    assert model.summary["method"] == pytest.approx(float(expected))
     assert tested["test_accuracy"] > 0.8
     loaded = Denoising.load_from_checkpoint(path)
     validated = trainer(limit_val_batches=1.0).validate(loaded, data, verbose=False)[0]

@@ -154,7 +154,8 @@ class BilevelModule(L.LightningModule):
         }
         for level in _LEVELS:
             params = {k: nn.Parameter(v.detach().clone()) for k, v in local[level].items() if k not in self._rows}
-            setattr(self, f"{level}_vars", nn.ParameterDict(params))
+            # "." separates modules in parameter names: nested names (``"0.weight"``) use "|"
+            setattr(self, f"{level}_vars", nn.ParameterDict({k.replace(".", "|"): v for k, v in params.items()}))
         if not any(True for _ in self.parameters()):
             self.anchor = nn.Parameter(torch.zeros(()))  # DDP and the step counter need a parameter
         # configure_variables()'s key order, so that reductions always sum in the same order
@@ -207,7 +208,9 @@ class BilevelModule(L.LightningModule):
     def _sync_state(self) -> None:
         """Makes the algorithm state agree with the parameters (after a device or dtype move, or
         a checkpoint load) and the parameters mirror the state."""
-        params = {level: dict(getattr(self, f"{level}_vars")) for level in _LEVELS}
+        params = {
+            level: {k.replace("|", "."): v for k, v in getattr(self, f"{level}_vars").items()} for level in _LEVELS
+        }
         reference = next(self.parameters())
         if self._state is None:
             local = self._initial_rows if self._restored is None else self._restore(self._restored)
