@@ -244,7 +244,7 @@ def test_tensorboard_and_offline_wandb_receive_the_same_metrics(tmp_path, monkey
     runs = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
     assert len(runs) == 1
     record = Path(runs[0]).read_bytes()  # the offline run holds the history, ready for `wandb sync`
-    for key in (b"outer_loss", b"hypergrad_norm", b"linear_residual", b"samples_per_sec"):
+    for key in (b"outer_loss", b"hypergrad_norm", b"linear_residual", b"samples_per_sec", b"weights_histogram"):
         assert key in record
 
 
