@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,7 @@ import ddp_fit  # noqa: E402
 
 def trainer(**kwargs):
     options = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="bilevel_dist_test_"),  # run outputs stay out of the repo
         accelerator="cpu",
         devices=1,
         precision="64-true",

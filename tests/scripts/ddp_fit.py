@@ -2,6 +2,7 @@
 step and rank, the rank's own and the gathered variables: ``python ddp_fit.py OUT DEVICES``."""
 
 import sys
+import tempfile
 
 import lightning as L
 import torch
@@ -46,7 +47,7 @@ class Record(L.Callback):
         self.steps.append({"own": own, "full": full, "ids": batch["inner"]["index"].clone()})
 
 
-def fit(name: str, devices: int, shards: int, checkpoint: str | None = None) -> list:
+def fit(name: str, devices: int, shards: int, checkpoint: str | None = None, root: str | None = None) -> list:
     spec, sharded = RUNS[name]
     data = DigitsData(inner_batch_size=32, outer_batch_size=25, shards=shards)
     model = Denoising(n_train=data.n_train, algorithm=spec, shard_weights=sharded)
@@ -63,6 +64,7 @@ def fit(name: str, devices: int, shards: int, checkpoint: str | None = None) -> 
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[record],
+        default_root_dir=root or tempfile.gettempdir(),
     )
     trainer.fit(model, data)
     if checkpoint:  # every rank takes part: the per-sample rows are gathered into it
