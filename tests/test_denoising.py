@@ -178,3 +178,13 @@ def test_every_config_runs_two_steps(config, tmp_path):
     losses = [float(r["outer_loss"]) for r in steps if r["outer_loss"]]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert any(r.get("summary/method") for r in steps)  # the end-of-fit summary was logged
+
+
+def test_dropout_is_off_when_evaluating():
+    model = Denoising(model="mnist_cnn", n_train=4, input_shape=(1, 28, 28))
+    inner = model.initial_model()
+    x = torch.randn(6, 1, 28, 28)
+    assert torch.equal(model.logits(inner, x, train=False), model.logits(inner, x, train=False))
+    assert not torch.equal(model.logits(inner, x, train=True), model.logits(inner, x, train=True))
+    y = model.logits(inner, x, train=False).argmax(1)
+    assert model.accuracy(inner, x, y) == pytest.approx(1.0)  # the same deterministic predictions

@@ -103,8 +103,10 @@ class Denoising(BilevelModule):
     def configure_variables(self) -> tuple[Tree, Tree]:
         return {"logit": torch.zeros(self._from_data("n_train"))}, self.initial_model()
 
-    def logits(self, inner: Tree, x: Tensor) -> Tensor:
-        """Class scores of the classifier with parameters ``inner``."""
+    def logits(self, inner: Tree, x: Tensor, train: bool | None = None) -> Tensor:
+        """Class scores of the classifier with parameters ``inner``; dropout is on in training
+        mode (the module's, unless ``train`` says otherwise)."""
+        self.net.train(self.training if train is None else train)
         return functional_call(self.net, inner, (x,))
 
     def penalty(self, inner: Tree) -> Tensor:
@@ -135,14 +137,14 @@ class Denoising(BilevelModule):
     def accuracy(self, inner: Tree, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
         """Accuracy of the classifier ``inner`` on ``(x, y)``."""
         with torch.no_grad():
-            scores = torch.cat([self.logits(inner, part) for part in x.split(batch_size)])
+            scores = torch.cat([self.logits(inner, part, train=False) for part in x.split(batch_size)])
         return float(multiclass_accuracy(scores, y, self.classes, average="micro"))
 
     def train_baseline(self, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int, seed: int) -> Tree:
         """The classifier trained by minibatch SGD on ``(x, y)`` with equal weights."""
 
         def loss(inner: Tree, xb: Tensor, yb: Tensor) -> Tensor:
-            return F.cross_entropy(self.logits(inner, xb), yb) + self.penalty(inner)
+            return F.cross_entropy(self.logits(inner, xb, train=True), yb) + self.penalty(inner)
 
         step = grad(loss)
         inner = {k: v.to(x) for k, v in self.initial_model().items()}
