@@ -57,8 +57,7 @@ class MLPDenoising(Denoising):
         }
         return outer, inner
 
-    @staticmethod
-    def logits(inner, x):
+    def logits(self, inner, x, train=None):
         return torch.tanh(x @ inner["w1"] + inner["b1"]) @ inner["w2"] + inner["b2"]
 
     def inner_loss(self, inner, outer, batch):
