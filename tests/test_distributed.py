@@ -77,6 +77,7 @@ def worker(rank: int, world: int, port: int, path: str) -> None:
         for name in TASK_NAMES:  # each rank solves only its own tasks' heads, all at once
             results[f"tasks_{name}"] = run_tasks(name, Comm(sharded=("w",)), rank, world)
         torch.save(results, f"{path}.{rank}")
+        dist.barrier()  # neither rank tears gloo down while the other may still be reading
     finally:
         dist.destroy_process_group()
 
