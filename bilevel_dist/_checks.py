@@ -18,6 +18,15 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}", str(self))
 
 
+def setting(key: str, check: Any, value: Any) -> Any:
+    """``check(key, value)``, its ``TypeError``/``ValueError`` turned into a :class:`ConfigError`
+    that names ``key``."""
+    try:
+        return check(key, value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(key, str(error)) from None
+
+
 def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     """Returns ``value`` if it is an int ``> 0`` (``>= 0`` with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, int):

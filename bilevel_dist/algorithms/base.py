@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from bilevel_dist import tree
-from bilevel_dist._checks import ConfigError, positive_float, positive_int, unit_interval
+from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting, unit_interval
 from bilevel_dist.distributed import Comm
 from bilevel_dist.linalg import Linearization, linearize, loss_grad, loss_grads
 from bilevel_dist.problem import BilevelProblem
@@ -132,10 +132,7 @@ class Algorithm:
         values = {}
         for key, (default, check) in self.hparams.items():
             value = hparams.get(key, default)
-            try:
-                values[key] = value if value is None else check(key, value)
-            except (TypeError, ValueError) as error:
-                raise ConfigError(key, str(error)) from None
+            values[key] = value if value is None else setting(key, check, value)
         self.h = values
 
     def init(self, outer: Tree, inner: Tree) -> State:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from bilevel_dist._checks import ConfigError, positive_int
+from bilevel_dist._checks import ConfigError, positive_int, setting
 from bilevel_dist.distributed import Comm, shard_rows
 
 
@@ -183,13 +183,13 @@ class BilevelDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for key, value in (("inner_batch_size", inner_batch_size), ("eval_batch_size", eval_batch_size)):
-            _setting(key, positive_int, value)
+            setting(key, positive_int, value)
         if outer_batch_size is not None:
-            _setting("outer_batch_size", positive_int, outer_batch_size)
+            setting("outer_batch_size", positive_int, outer_batch_size)
         if shards is not None:
-            _setting("shards", positive_int, shards)
-        _setting("seed", lambda k, v: positive_int(k, v, allow_zero=True), seed)
-        _setting("num_workers", lambda k, v: positive_int(k, v, allow_zero=True), num_workers)
+            setting("shards", positive_int, shards)
+        setting("seed", lambda k, v: positive_int(k, v, allow_zero=True), seed)
+        setting("num_workers", lambda k, v: positive_int(k, v, allow_zero=True), num_workers)
         self.inner_batch_size, self.outer_batch_size, self.eval_batch_size = (
             inner_batch_size,
             outer_batch_size,
@@ -314,10 +314,3 @@ class _WithIndex(Dataset):
 
     def __getitems__(self, ids: list[int]) -> dict[str, Tensor]:
         return fetch(self.dataset, torch.as_tensor(ids))
-
-
-def _setting(key: str, check: Any, value: Any) -> Any:
-    try:
-        return check(key, value)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(key, str(error)) from None
