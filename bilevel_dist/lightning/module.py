@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from bilevel_dist import algorithms
@@ -244,12 +245,8 @@ class BilevelModule(L.LightningModule):
                 "algorithm.name",
                 f"the checkpoint was written by {saved['algorithm']!r}, this run uses {self.algorithm_name!r}",
             )
-        buffers = _map_sharded(saved["buffers"], self.comm.sharded, lambda k, v: self.comm.scatter_rows(v))
-        variables = {
-            level: _map_sharded(saved[level], self.comm.sharded, lambda k, v: self.comm.scatter_rows(v))
-            for level in _LEVELS
-        }
-        return {**variables, "buffers": buffers}
+        parts = {level: saved[level] for level in (*_LEVELS, "buffers")}
+        return _map_sharded(parts, self.comm.sharded, lambda k, v: self.comm.scatter_rows(v))
 
     # -- training ----------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -317,16 +314,11 @@ class BilevelModule(L.LightningModule):
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = self.state
-        gather = lambda k, v: self._gather(k, v)  # noqa: E731
-        buffers = {k: v for k, v in state.items() if k not in _LEVELS}
-        checkpoint["bilevel"] = {
-            "algorithm": self.algorithm_name,
-            # replicated variables are in state_dict; per-sample rows are gathered from every rank
-            "outer": {k: gather(k, v) for k, v in state["outer"].items() if k in self._rows},
-            "inner": {k: gather(k, v) for k, v in state["inner"].items() if k in self._rows},
-            "buffers": _map_sharded(buffers, self.comm.sharded, gather),
-            "rng": torch.get_rng_state(),
-        }
+        # replicated variables are in state_dict; per-sample rows are gathered from every rank
+        parts = {level: {k: v for k, v in state[level].items() if k in self._rows} for level in _LEVELS}
+        parts["buffers"] = {k: v for k, v in state.items() if k not in _LEVELS}
+        saved = _map_sharded(parts, self.comm.sharded, self._gather)
+        checkpoint["bilevel"] = {"algorithm": self.algorithm_name, **saved, "rng": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("bilevel")
@@ -340,14 +332,9 @@ class BilevelModule(L.LightningModule):
 
 def _to(obj: Any, like: Tensor) -> Any:
     """Moves every tensor of a nested state to ``like``'s device (floating ones to its dtype)."""
-    if isinstance(obj, Tensor):
-        dtype = like.dtype if obj.is_floating_point() else obj.dtype
-        return obj.to(device=like.device, dtype=dtype)
-    if isinstance(obj, dict):
-        return {k: _to(v, like) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, like) for v in obj)
-    return obj
+    return apply_to_collection(
+        obj, Tensor, lambda t: t.to(device=like.device, dtype=like.dtype if t.is_floating_point() else t.dtype)
+    )
 
 
 def _map_sharded(obj: Any, sharded: frozenset[str], fn: Any) -> Any:
