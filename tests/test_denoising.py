@@ -8,13 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.recipes.data_denoising import CIFAR10Data, Denoising, DigitsData, MNISTData, SVHNData, corrupt
+from bilevel_dist.recipes.data_denoising import CIFAR10Data, Denoising, MNISTData, SVHNData, corrupt, fit_digits
 
 RECIPES = Path(__file__).parents[1] / "recipes" / "data_denoising"
 
@@ -120,27 +119,11 @@ def test_missing_or_malformed_data_directories_fail_early(tmp_path):
         MNISTData(root=str(tmp_path / "bad"))
 
 
-def run_recipe(noise: float, seed: int, steps: int = 300) -> dict:
-    data = DigitsData(noise=noise, split_seed=seed, inner_batch_size=128, outer_batch_size=50)
-    model = Denoising()  # Penalty, T = 5: the recipe's default
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir="/tmp/bilevel_dist_denoising_test",
-    )
-    trainer.fit(model, data)
-    return model.summary
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("noise", [0.5, 0.25])
 def test_penalty_closes_half_the_gap_and_separates_flipped_samples(noise):
     torch.set_default_dtype(torch.float32)
-    runs = [run_recipe(noise, seed) for seed in range(3)]
+    runs = [fit_digits(noise, seed, steps=300) for seed in range(3)]  # Penalty, T = 5: the default
     mean = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
     print(noise, mean)
     closed = (mean["method"] - mean["train_val"]) / (mean["oracle"] - mean["train_val"])

@@ -14,10 +14,9 @@ import statistics
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from bilevel_dist.recipes.data_denoising import Denoising, DigitsData
+from bilevel_dist.recipes.data_denoising import BASELINES, fit_digits
 
 METHODS = {
     "penalty": {"name": "penalty", "inner_steps": 5, "inner_lr": 0.5, "outer_lr": 100.0},
@@ -29,21 +28,11 @@ NOISES, SEEDS, STEPS = (0.25, 0.5), (0, 1, 2), 500
 
 
 def run(noise: float, seed: int, algorithm: dict, baselines: bool) -> tuple[dict, float]:
-    L.seed_everything(0, verbose=False)
-    data = DigitsData(noise=noise, split_seed=seed, inner_batch_size=128, outer_batch_size=50)
-    model = Denoising(algorithm=algorithm, baselines=("oracle", "val_only", "train_val") if baselines else ())
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir="/tmp/bilevel_dist_results",
-    )
     start = time.perf_counter()
-    trainer.fit(model, data)
-    return model.summary, time.perf_counter() - start
+    summary = fit_digits(
+        noise, seed, STEPS, algorithm, BASELINES if baselines else (), root="/tmp/bilevel_dist_results"
+    )
+    return summary, time.perf_counter() - start
 
 
 def main() -> None:

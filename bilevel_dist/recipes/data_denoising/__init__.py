@@ -1,7 +1,7 @@
 """Data denoising by learned importance weights: ``bilevel-dist fit --config recipes/data_denoising/digits.yaml``."""
 
 from bilevel_dist.recipes.data_denoising.data import CIFAR10Data, DigitsData, MNISTData, NoisyLabels, SVHNData
-from bilevel_dist.recipes.data_denoising.module import BASELINES, Denoising, weight_histogram
+from bilevel_dist.recipes.data_denoising.module import BASELINES, Denoising, fit_digits, weight_histogram
 from bilevel_dist.recipes.data_denoising.noise import corrupt
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "NoisyLabels",
     "SVHNData",
     "corrupt",
+    "fit_digits",
     "weight_histogram",
 ]

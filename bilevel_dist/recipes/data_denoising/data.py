@@ -54,11 +54,9 @@ class NoisyLabels(BilevelDataModule):
         val, train = order[:n_val], order[n_val:]
         self.y_clean = y_pool[train]
         self.y_train, self.flipped = corrupt(self.y_clean, noise, noise_type, self.classes, split_seed + 1)
-        mean = x_pool[train].mean(0, keepdim=True)
-        std = x_pool[train].std(0, keepdim=True).clamp_min(1e-3)
-        if x_pool.ndim == 4:  # images: one statistic per channel
-            mean = x_pool[train].mean((0, 2, 3), keepdim=True)
-            std = x_pool[train].std((0, 2, 3), keepdim=True).clamp_min(1e-3)
+        dims = (0, 2, 3) if x_pool.ndim == 4 else (0,)  # images: one statistic per channel
+        mean = x_pool[train].mean(dims, keepdim=True)
+        std = x_pool[train].std(dims, keepdim=True).clamp_min(1e-3)
         self.x_train, self.x_val = (x_pool[train] - mean) / std, (x_pool[val] - mean) / std
         self.y_val = y_pool[val]
         self.x_test = (self.x_test - mean) / std

@@ -229,3 +229,33 @@ def weight_histogram(weights: Tensor, clean: Tensor, path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def fit_digits(
+    noise: float,
+    split_seed: int,
+    steps: int = 500,
+    algorithm: dict[str, Any] | None = None,
+    baselines: tuple[str, ...] = BASELINES,
+    root: str = "/tmp/bilevel_dist_denoising",
+) -> dict[str, float]:
+    """One run of the digits recipe at its default sizes (batches 128/50, no validation loop,
+    no logger): the end-of-fit summary (test accuracies and weight ROC-AUC)."""
+    import lightning as L
+
+    from bilevel_dist.recipes.data_denoising.data import DigitsData
+
+    L.seed_everything(0, verbose=False)
+    data = DigitsData(noise=noise, split_seed=split_seed, inner_batch_size=128, outer_batch_size=50)
+    model = Denoising(algorithm=algorithm, baselines=baselines)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+    trainer.fit(model, data)
+    return model.summary
