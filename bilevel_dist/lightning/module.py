@@ -279,7 +279,7 @@ class BilevelModule(L.LightningModule):
                 "inner_loss": self.inner_loss(state["inner"], state["outer"], inner_batch).detach(),
                 "outer_loss": self.outer_loss(state["inner"], state["outer"], outer_batch).detach(),
             }
-            losses = Comm().mean({k: v.reshape(1).to(torch.float64) for k, v in losses.items()})
+            losses = self.comm.mean({k: v.reshape(1).to(torch.float64) for k, v in losses.items()})
         now = time.perf_counter()
         elapsed = now - (self._last_step_end or start)
         self._last_step_end = now
