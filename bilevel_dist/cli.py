@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 from bilevel_dist._checks import ConfigError
@@ -54,7 +55,8 @@ def _parser_message(message: str) -> str:
     return f"{key}: {reason}" if key else reason
 
 
-def _cli_class() -> type:
+def cli_class() -> type:
+    """The ``LightningCLI`` subclass behind ``fit``/``validate``/``test`` (and every tune trial)."""
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from bilevel_dist.lightning import BilevelDataModule, BilevelModule
@@ -72,7 +74,9 @@ def _cli_class() -> type:
     class BilevelCLI(LightningCLI):
         """``LightningCLI`` for :class:`BilevelModule` subclasses and :class:`BilevelDataModule`."""
 
-        def __init__(self, args: list[str] | None) -> None:
+        def __init__(self, args: list[str] | dict[str, Any] | None, run: bool = True) -> None:
+            if args is not None:  # a config from Python (a tune trial) while sys.argv holds another command
+                warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended", UserWarning)
             super().__init__(
                 BilevelModule,
                 BilevelDataModule,
@@ -82,6 +86,7 @@ def _cli_class() -> type:
                 parser_class=Parser,
                 save_config_kwargs={"overwrite": True},
                 args=args,
+                run=run,
             )
 
         @staticmethod
@@ -89,7 +94,7 @@ def _cli_class() -> type:
             return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name in COMMANDS}
 
         def instantiate_classes(self) -> None:
-            _offline_wandb(self.config[self.subcommand])
+            _offline_wandb(self.config[self.subcommand] if self.subcommand else self.config)
             try:
                 super().instantiate_classes()
             except UserError:
@@ -154,26 +159,71 @@ def _estimators() -> int:
     return 0
 
 
+def _tune(argv: list[str]) -> int:
+    """``bilevel-dist tune --config RECIPE.yaml --search SEARCH.yaml`` or ``--resume DIR``."""
+    import argparse
+
+    class Arguments(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UserError(message)
+
+    parser = Arguments(prog="bilevel-dist tune", description="A Ray Tune sweep over a recipe's config keys.")
+    parser.add_argument("--config", help="the recipe: a fit config (RECIPE.yaml)")
+    parser.add_argument("--search", help="SEARCH.yaml: space, metric, mode, scheduler, resources, ...")
+    parser.add_argument("--name", help="the sweep's name (default: recipe name and time)")
+    parser.add_argument("--storage", default="sweeps", help="where sweeps live: a directory or s3://, gs:// URI")
+    parser.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    parser.add_argument("--resume", metavar="DIR", help="resume the sweep in DIR (after its driver died)")
+    try:
+        args = parser.parse_args(argv)
+        if args.resume is None and (args.config is None or args.search is None):
+            raise UserError("tune needs --config RECIPE.yaml and --search SEARCH.yaml, or --resume DIR")
+        if args.resume is not None and (args.config or args.search):
+            raise UserError("--resume DIR takes the recipe and search saved in DIR; drop --config and --search")
+        from bilevel_dist.tune import search as search_file
+        from bilevel_dist.tune import sweep
+
+        search = None
+        if args.resume is None:
+            try:
+                search = search_file.load(args.search)
+            except ConfigError as error:
+                raise UserError(f"{args.search}: {error.key}: {error}") from None
+        return sweep.run(
+            args.config, search, name=args.name, storage=args.storage, address=args.address, resume=args.resume
+        )
+    except UserError as error:
+        print(f"bilevel-dist: error: {error}", file=sys.stderr)
+        return 2
+    except ConfigError as error:
+        where = f"{args.search}: " if error.key.startswith(("space", "metric", "fixed")) else ""
+        print(f"bilevel-dist: error: {where}{error.key}: {error}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code (2 for a user mistake, printed as one line)."""
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["estimators"]:
         return _estimators()
+    if argv[:1] == ["tune"]:
+        return _tune(argv[1:])
     if argv[:1] == ["--version"]:
         import bilevel_dist
 
         print(f"bilevel-dist {bilevel_dist.__version__}")
         return 0
     if not argv or argv[0] in ("-h", "--help"):
-        commands = ", ".join((*COMMANDS, "estimators"))
+        commands = ", ".join((*COMMANDS, "tune", "estimators"))
         print(f"usage: bilevel-dist {{{commands}}} [--config FILE.yaml] [--help]")
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
-        print(f"bilevel-dist: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        commands = ", ".join((*COMMANDS, "tune", "estimators"))
+        print(f"bilevel-dist: error: unknown command {argv[0]!r}; choose one of {commands}", file=sys.stderr)
         return 2
     try:
-        _cli_class()(None if from_shell else argv)
+        cli_class()(None if from_shell else argv)
     except UserError as error:
         print(f"bilevel-dist: error: {error}", file=sys.stderr)
         return 2

@@ -29,7 +29,8 @@ def test_lists_every_estimator():
 def test_unknown_command_exits_2_without_traceback():
     result = run_cli("fly")
     assert result.returncode == 2
-    assert result.stderr == "bilevel-dist: error: unknown command 'fly'; choose one of fit, validate, test\n"
+    choices = "fit, validate, test, tune, estimators"
+    assert result.stderr == f"bilevel-dist: error: unknown command 'fly'; choose one of {choices}\n"
 
 
 def test_print_config_applies_command_line_overrides(capsys):

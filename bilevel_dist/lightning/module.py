@@ -64,6 +64,9 @@ class BilevelModule(L.LightningModule):
             build a module from callables instead of a subclass.
     """
 
+    #: what :meth:`validation_step` logs: the metrics a sweep may rank trials by
+    validation_metrics: tuple[str, ...] = ("val_outer_loss",)
+
     def __init__(
         self,
         algorithm: dict[str, Any] | None = None,

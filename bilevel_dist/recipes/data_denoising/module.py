@@ -50,6 +50,8 @@ class Denoising(BilevelModule):
         model_seed: seed of the classifier's initialisation (the baselines start from it too).
     """
 
+    validation_metrics = (*BilevelModule.validation_metrics, "val_accuracy")
+
     def __init__(
         self,
         algorithm: dict[str, Any] | None = None,

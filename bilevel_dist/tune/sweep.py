@@ -1,0 +1,291 @@
+"""``bilevel-dist tune``: a Ray Tune sweep over a recipe's config keys.
+
+:func:`prepare` checks the recipe and SEARCH.yaml together before Ray starts: every searched value
+(each choice, both ends of a range) must build the recipe's model, data and trainer, and the
+metric must be one the model logs. :func:`run` runs (or, from the sweep's directory, resumes) the
+sweep, prints a results table and writes the best trial's config as ``best.yaml``, which
+``bilevel-dist fit --config`` runs as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bilevel_dist._checks import ConfigError
+from bilevel_dist.tune.search import Search, parse
+from bilevel_dist.tune.trial import run_trial, with_settings
+
+SWEEP_FILE = "bilevel_sweep.yaml"  # the recipe and the search, for --resume
+BEST_FILE = "best.yaml"
+RESULTS_FILE = "results.csv"
+
+
+def prepare(recipe_path: str | Path, search: Search) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
+    """The recipe as a mapping, the model's validation metrics and the recipe's own values of the
+    searched keys, after checking every searched value against the recipe (see module doc)."""
+    from bilevel_dist.cli import UserError
+
+    recipe_path = Path(recipe_path)
+    if not recipe_path.is_file():
+        raise ConfigError("config", f"no such file: {recipe_path}")
+    recipe = yaml.safe_load(recipe_path.read_text())
+    if not isinstance(recipe, dict):
+        raise ConfigError("config", f"{recipe_path} is not a fit config (a mapping of model, data, trainer)")
+    base = with_settings(recipe, search.fixed)
+    try:
+        cli = _build(base)
+    except UserError as error:
+        raise ConfigError("fixed" if search.fixed else "config", str(error)) from None
+    logged = cli.model.validation_metrics
+    if search.metric not in logged:
+        name = type(cli.model).__name__
+        raise ConfigError("metric", f"{search.metric!r} is not logged by {name}; it logs {', '.join(logged)}")
+    for key in search.space:
+        for value in search.candidates(key):
+            try:
+                _build(with_settings(base, {key: value}))
+            except UserError as error:
+                raise ConfigError(f"space.{key}", f"{value!r} does not make a run: {error}") from None
+    return recipe, logged, _recipe_values(cli.config.as_dict(), search)
+
+
+def _recipe_values(parsed: dict[str, Any], search: Search) -> dict[str, Any]:
+    """The recipe's own value of each searched key that the space can take: the first trial."""
+    values = {}
+    for key, (kind, args) in search.space.items():
+        found, value = _get_key(parsed, key)
+        inside = value in args if kind in ("choice", "grid") else _is_number(value) and args[0] <= value <= args[1]
+        if found and inside:
+            values[key] = value
+    return values
+
+
+def run(
+    recipe_path: str | Path | None,
+    search: Search | None,
+    *,
+    name: str | None = None,
+    storage: str = "sweeps",
+    address: str | None = None,
+    resume: str | None = None,
+) -> int:
+    """Runs a new sweep (``recipe_path`` and ``search``) or resumes the one in ``resume``; the
+    exit code is 1 when no trial finished."""
+    if resume is not None:
+        sweep_dir = _absolute(resume)
+        saved = _read_sweep(sweep_dir)
+        recipe, search, launch_dir = saved["recipe"], parse(saved["search"]), saved["launch_dir"]
+        storage, name = sweep_dir.rsplit("/", 1)
+        metrics = saved["metrics"]
+    else:
+        assert recipe_path is not None and search is not None
+        recipe, metrics, values = prepare(recipe_path, search)
+        launch_dir = os.getcwd()
+        name = name or f"{Path(recipe_path).stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        storage = _absolute(storage)
+        sweep_dir = f"{storage}/{name}"
+        if _exists(f"{sweep_dir}/{SWEEP_FILE}"):
+            raise ConfigError("name", f"a sweep named {name!r} is already in {storage}; use --resume {sweep_dir}")
+        metrics = list(metrics)
+        points = [values] if search.include_recipe and values else []
+        saved = {"recipe": recipe, "search": search.as_dict(), "launch_dir": launch_dir, "metrics": metrics}
+        _write(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(saved, sort_keys=False))
+    plan = {
+        "recipe": recipe,
+        "fixed": search.fixed,
+        "metrics": metrics,
+        "wandb": search.wandb,
+        "name": name,
+        "storage": storage,
+        "launch_dir": launch_dir,
+        "workers": search.workers,
+        "cpu": search.cpu,
+        "gpu": search.gpu,
+        "max_failures": search.max_failures,
+        "keep_checkpoints": search.keep_checkpoints,
+    }
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        local = address is None and not os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, **({"include_dashboard": False} if local else {}))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _resources(search))
+    if resume is not None:
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _tuner(trainable, search, points, name, storage)
+    results = tuner.fit()
+    return _report(results, recipe, search, sweep_dir)
+
+
+def _tuner(trainable: Any, search: Search, points: list[dict[str, Any]], name: str, storage: str) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    space = {key: _distribution(kind, args) for key, (kind, args) in search.space.items()}
+    scheduler_name, scheduler_options = search.scheduler
+    scheduler = {"asha": ASHAScheduler, "median": MedianStoppingRule, "fifo": FIFOScheduler}[scheduler_name]
+    searcher_name, searcher_options = search.searcher
+    if searcher_name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(points_to_evaluate=points or None, seed=search.seed, **searcher_options)
+    else:
+        searcher = BasicVariantGenerator(points_to_evaluate=points or None, random_state=search.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            num_samples=search.num_samples,
+            scheduler=scheduler(**scheduler_options),
+            search_alg=searcher,
+            max_concurrent_trials=search.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=search.keep_checkpoints),
+            sync_config=tune.SyncConfig(sync_artifacts=True),  # the trials' logs go to the sweep's storage
+            verbose=1,
+        ),
+    )
+
+
+def _distribution(kind: str, args: list[Any]) -> Any:
+    from ray import tune
+
+    if kind == "grid":
+        return tune.grid_search(args)
+    if kind == "choice":
+        return tune.choice(args)
+    return getattr(tune, kind)(*args)
+
+
+def _resources(search: Search) -> dict[str, float]:
+    """A single-worker trial holds its resources; a multi-worker trial only drives its worker
+    group, which asks for the resources per worker itself (Tune wants a non-empty request: one
+    byte of memory)."""
+    return {"cpu": search.cpu, "gpu": search.gpu} if search.workers == 1 else {"cpu": 0, "memory": 1}
+
+
+def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str) -> int:
+    """Prints the results table, writes it as CSV and the best config as YAML."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        row = {"trial": metrics.get("trial_id", "?"), "status": "ERROR" if result.error else "OK"}
+        row.update({key: (result.config or {}).get(key) for key in search.space})
+        row.update(step=metrics.get("step"), validations=metrics.get("training_iteration"))
+        row[search.metric] = metrics.get(search.metric)
+        rows.append((result, row))
+    finished = [(r, row) for r, row in rows if row["status"] == "OK" and row[search.metric] is not None]
+    sign = 1 if search.mode == "min" else -1
+    rows.sort(key=lambda item: (item[1][search.metric] is None, sign * (item[1][search.metric] or 0)))
+    import pandas
+
+    table = pandas.DataFrame([row for _, row in rows])
+    print(f"\n{len(finished)} of {len(rows)} trials finished; {search.metric} ({search.mode}), last validation:")
+    print(table.to_string(index=False))
+    _write(f"{sweep_dir}/{RESULTS_FILE}", table.to_csv(index=False))
+    if not finished:
+        print(f"bilevel-dist: no trial finished; see the errors under {sweep_dir}")
+        return 1
+    # rank the trials that ran the whole budget: a trial the scheduler stopped early is not what
+    # ``fit`` with its config would run
+    longest = max(row["step"] or 0 for _, row in finished)
+    result, row = min((item for item in finished if (item[1]["step"] or 0) == longest), key=lambda i: _rank(i, search))
+    best = with_settings(recipe, {**search.fixed, **{key: result.config[key] for key in search.space}})
+    path = f"{sweep_dir}/{BEST_FILE}"
+    _write(
+        path,
+        f"# best trial {row['trial']} of sweep {sweep_dir}: {search.metric} = {row[search.metric]}\n"
+        + yaml.safe_dump(best, sort_keys=False),
+    )
+    print(f"best trial {row['trial']}: {search.metric} = {row[search.metric]:.6g}")
+    print(f"best config: {path}  (bilevel-dist fit --config {path})")
+    if result.checkpoint is not None:
+        print(f"best checkpoint: {result.checkpoint.path}")
+    return 0
+
+
+def _rank(item: tuple[Any, dict[str, Any]], search: Search) -> float:
+    value = item[1][search.metric]
+    return value if search.mode == "min" else -value
+
+
+def _build(config: dict[str, Any]) -> Any:
+    """The ``fit`` run of ``config`` built but not run, with Lightning's start-up chatter muted."""
+    from bilevel_dist.cli import cli_class
+
+    with _quiet():
+        return cli_class()(config, run=False)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _get_key(config: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in key.split("."):
+        if isinstance(node, dict) and "class_path" in node and part not in ("class_path", "init_args"):
+            node = node.get("init_args") or {}
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute (Ray needs that); URIs (``s3://``, ``gs://``) as they are."""
+    return path.rstrip("/") if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+
+
+def _write(path: str, text: str) -> None:
+    filesystem, inner = _filesystem(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as stream:
+        stream.write(text.encode())
+
+
+def _exists(path: str) -> bool:
+    from pyarrow import fs
+
+    filesystem, inner = _filesystem(path)
+    return filesystem.get_file_info(inner).type != fs.FileType.NotFound
+
+
+def _read_sweep(sweep_dir: str) -> dict[str, Any]:
+    path = f"{sweep_dir}/{SWEEP_FILE}"
+    if not _exists(path):
+        raise ConfigError("resume", f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
+    filesystem, inner = _filesystem(path)
+    with filesystem.open_input_stream(inner) as stream:
+        return yaml.safe_load(stream.read().decode())
