@@ -180,6 +180,10 @@ def _tune(argv: list[str]) -> int:
             raise UserError("tune needs --config RECIPE.yaml and --search SEARCH.yaml, or --resume DIR")
         if args.resume is not None and (args.config or args.search):
             raise UserError("--resume DIR takes the recipe and search saved in DIR; drop --config and --search")
+        try:
+            import ray.tune  # noqa: F401
+        except ImportError:
+            raise UserError("tune needs Ray Tune: pip install 'bilevel-dist[tune]'") from None
         from bilevel_dist.tune import search as search_file
         from bilevel_dist.tune import sweep
 

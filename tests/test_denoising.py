@@ -132,7 +132,7 @@ def test_penalty_closes_half_the_gap_and_separates_flipped_samples(noise):
     assert mean["weight_auroc"] >= 0.9, mean
 
 
-CONFIGS = sorted(RECIPES.glob("*.yaml"))
+CONFIGS = sorted(c for c in RECIPES.glob("*.yaml") if c.name != "search.yaml")  # search.yaml is a sweep
 
 
 @pytest.mark.slow

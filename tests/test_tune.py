@@ -334,7 +334,8 @@ def test_trial_config_keeps_outputs_in_the_trial_and_groups_wandb_runs(tmp_path)
     assert recipe["model"]["init_args"]["algorithm"]["outer_lr"] == 7.0 and recipe["trainer"]["max_steps"] == 9
     config = trial_config(recipe, tmp_path, wandb={"project": "p"}, group="sweep", name="t1")
     trainer = config["trainer"]
-    assert trainer["default_root_dir"] == str(tmp_path) and trainer["callbacks"] == []  # Tune keeps checkpoints
+    assert trainer["default_root_dir"] == str(tmp_path)
+    assert trainer["callbacks"] == [] and trainer["enable_checkpointing"] is False  # Tune keeps the checkpoints
     csv_logger, wandb_logger = trainer["logger"]
     assert csv_logger["init_args"]["save_dir"] == str(tmp_path / "logs")
     assert wandb_logger["init_args"] == {
@@ -346,3 +347,30 @@ def test_trial_config_keeps_outputs_in_the_trial_and_groups_wandb_runs(tmp_path)
         "resume": "allow",
     }
     assert recipe["trainer"]["callbacks"][0]["class_path"].endswith("ModelCheckpoint")  # the recipe is untouched
+
+
+def test_best_config_is_the_best_finite_trial_that_ran_the_whole_budget(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from bilevel_dist.tune import parse
+    from bilevel_dist.tune.sweep import _report
+
+    search = parse({**GOOD, "fixed": {"trainer.max_steps": 100}})
+
+    def result(trial, lr, step, loss, error=None):
+        metrics = {"trial_id": trial, "step": step, "training_iteration": step // 25, "val_outer_loss": loss}
+        return SimpleNamespace(metrics=metrics, config={"model.algorithm.outer_lr": lr}, error=error, checkpoint=None)
+
+    results = [
+        result("a", 10.0, 100, 0.30),
+        result("b", 20.0, 50, 0.01),  # better, but stopped early by the scheduler
+        result("c", 30.0, 100, float("nan")),  # diverged
+        result("d", 40.0, 100, 0.20),
+        result("e", 50.0, 75, 0.00, error=RuntimeError("crashed")),
+    ]
+    recipe = yaml.safe_load(RECIPE.read_text())
+    assert _report(results, recipe, search, str(tmp_path)) == 0
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["model"]["init_args"]["algorithm"]["outer_lr"] == 40.0 and best["trainer"]["max_steps"] == 100
+    assert [row["trial"] for row in _results(tmp_path)] == ["b", "d", "a", "c", "e"]
+    assert "3 of 5 trials finished" in capsys.readouterr().out

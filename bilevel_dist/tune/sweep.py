@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -190,22 +191,23 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
         row.update(step=metrics.get("step"), validations=metrics.get("training_iteration"))
         row[search.metric] = metrics.get(search.metric)
         rows.append((result, row))
-    finished = [(r, row) for r, row in rows if row["status"] == "OK" and row[search.metric] is not None]
     sign = 1 if search.mode == "min" else -1
-    rows.sort(key=lambda item: (item[1][search.metric] is None, sign * (item[1][search.metric] or 0)))
+    ranked = [item for item in rows if _usable(item[1], search.metric)]
+    ranked.sort(key=lambda item: sign * item[1][search.metric])
+    rows = ranked + [item for item in rows if not _usable(item[1], search.metric)]
     import pandas
 
     table = pandas.DataFrame([row for _, row in rows])
-    print(f"\n{len(finished)} of {len(rows)} trials finished; {search.metric} ({search.mode}), last validation:")
+    print(f"\n{len(ranked)} of {len(rows)} trials finished; {search.metric} ({search.mode}), last validation:")
     print(table.to_string(index=False))
     _write(f"{sweep_dir}/{RESULTS_FILE}", table.to_csv(index=False))
-    if not finished:
-        print(f"bilevel-dist: no trial finished; see the errors under {sweep_dir}")
+    if not ranked:
+        print(f"bilevel-dist: no trial finished with a finite {search.metric}; see the trials under {sweep_dir}")
         return 1
-    # rank the trials that ran the whole budget: a trial the scheduler stopped early is not what
-    # ``fit`` with its config would run
-    longest = max(row["step"] or 0 for _, row in finished)
-    result, row = min((item for item in finished if (item[1]["step"] or 0) == longest), key=lambda i: _rank(i, search))
+    # the best of the trials that ran the whole budget: one the scheduler stopped early is not the
+    # run ``fit`` makes from its config
+    longest = max(row["step"] or 0 for _, row in ranked)
+    result, row = next(item for item in ranked if (item[1]["step"] or 0) == longest)
     best = with_settings(recipe, {**search.fixed, **{key: result.config[key] for key in search.space}})
     path = f"{sweep_dir}/{BEST_FILE}"
     _write(
@@ -220,9 +222,9 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
     return 0
 
 
-def _rank(item: tuple[Any, dict[str, Any]], search: Search) -> float:
-    value = item[1][search.metric]
-    return value if search.mode == "min" else -value
+def _usable(row: dict[str, Any], metric: str) -> bool:
+    """A trial that ended well: no error and a finite metric (a diverged trial reports NaN)."""
+    return row["status"] == "OK" and _is_number(row[metric]) and math.isfinite(row[metric])
 
 
 def _build(config: dict[str, Any]) -> Any:

@@ -72,6 +72,7 @@ def trial_config(
     callbacks = trainer.get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     trainer["callbacks"] = [c for c in callbacks if not str(c.get("class_path", "")).endswith("ModelCheckpoint")]
+    trainer["enable_checkpointing"] = False  # nor Lightning's default one
     return config
 
 
