@@ -59,9 +59,10 @@ def head(tmp_path_factory):
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
+        process.wait(5)
+    except subprocess.TimeoutExpired:  # the head drains for up to 30 s; nothing of it is needed any more
         os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     for pid in _pids_mentioning(str(temp_dir)):  # workers that left the process group
         os.kill(pid, signal.SIGKILL)
 
