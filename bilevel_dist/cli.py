@@ -200,7 +200,8 @@ def _tune(argv: list[str]) -> int:
         print(f"bilevel-dist: error: {error}", file=sys.stderr)
         return 2
     except ConfigError as error:
-        where = f"{args.search}: " if error.key.startswith(("space", "metric", "fixed")) else ""
+        searched = args.search and error.key.startswith(("space", "metric", "fixed", "scheduler", "searcher"))
+        where = f"{args.search}: " if searched else ""
         print(f"bilevel-dist: error: {where}{error.key}: {error}", file=sys.stderr)
         return 2
 

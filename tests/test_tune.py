@@ -49,6 +49,9 @@ def head(tmp_path_factory):
     }
     command = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
     command += [f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2", "--num-gpus=0"]
+    for option in ("node-manager", "object-manager", "ray-client-server", "dashboard-agent-grpc", "runtime-env-agent"):
+        command.append(f"--{option}-port={_free_port()}")  # none of Ray's fixed defaults: another Ray may hold them
+    command += [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     command += [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
@@ -125,7 +128,10 @@ def _fitted(process: subprocess.Popen, cwd: Path) -> float:
 
 def test_eight_trial_sweep_best_config_fits_at_least_as_well_as_the_recipe(head, tmp_path):
     shipped = yaml.safe_load(SEARCH.read_text())
-    search = _search(tmp_path / "search.yaml", **{**shipped, "fixed": {**shipped["fixed"], **BUDGET}})
+    # FIFO: ASHA could stop the recipe's own trial early, and then there is no full-budget value to compare
+    search = _search(
+        tmp_path / "search.yaml", **{**shipped, "fixed": {**shipped["fixed"], **BUDGET}, "scheduler": "fifo"}
+    )
     run = _tune(head, "--config", str(RECIPE), "--search", str(search), "--name", "s", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     sweep = tmp_path / "sweeps" / "s"
@@ -301,6 +307,11 @@ MALFORMED = [
     ({**GOOD, "space": {"model.algorithm.inner_steps": {"choice": [5, -1]}}}, "inner_steps: -1 does not make a run"),
     ({**GOOD, "scheduler": {"name": "asha", "grace": 1}}, "scheduler.grace: is not a asha option"),
     ({**GOOD, "mode": "maximum"}, "mode: must be min or max"),
+    ({**GOOD, "scheduler": {"name": "asha", "grace_period": 0}}, "scheduler: grace_period must be positive!"),
+    ({**GOOD, "scheduler": {"name": "asha", "time_attr": "stp"}}, "scheduler.time_attr: must be one of"),
+    ({**GOOD, "searcher": {"name": "optuna", "sampler": "tpe"}}, "searcher: You can only pass an instance"),
+    ({**GOOD, "space": {"model.algorithm.inner_steps": {"uniform": [3, 10]}}}, "3.0 does not make a run"),
+    ({**GOOD, "resources": {"cpu": 1, "gpu": 2}}, "resources.gpu: is 0, 1 or a fraction of one per trial"),
 ]
 
 
@@ -344,7 +355,7 @@ def test_trial_config_keeps_outputs_in_the_trial_and_groups_wandb_runs(tmp_path)
         "save_dir": str(tmp_path / "logs"),
         "group": "sweep",
         "name": "t1",
-        "id": "t1",
+        "id": "sweep-t1",
         "resume": "allow",
     }
     assert recipe["trainer"]["callbacks"][0]["class_path"].endswith("ModelCheckpoint")  # the recipe is untouched

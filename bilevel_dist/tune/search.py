@@ -71,9 +71,22 @@ class Search:
     seed: int = 0
 
     def candidates(self, key: str) -> list[Any]:
-        """Values of ``key`` that bound what a trial can be given: every choice, or both ends."""
+        """Values of ``key`` that bound what a trial can be given, as Tune samples them: every
+        choice, or both ends of a range (floats; a ``randint`` excludes its upper end)."""
         kind, args = self.space[key]
-        return list(args) if kind in ("choice", "grid") else list(args[:2])
+        if kind in ("choice", "grid"):
+            return list(args)
+        low, high = args[:2]
+        return [low, high - 1] if "randint" in kind else [float(low), float(high)]
+
+    def contains(self, key: str, value: Any) -> bool:
+        """Whether ``key``'s distribution can give ``value``."""
+        kind, args = self.space[key]
+        if kind in ("choice", "grid"):
+            return value in args
+        if "randint" in kind:
+            return isinstance(value, int) and not isinstance(value, bool) and args[0] <= value < args[1]
+        return isinstance(value, float) and args[0] <= value <= args[1]
 
     def as_dict(self) -> dict[str, Any]:
         """The YAML form, as written next to a sweep so that ``--resume`` can rebuild it."""
@@ -232,10 +245,21 @@ def _check_options(search: Search) -> None:
 
         accepted = inspect.signature(OptunaSearch).parameters
         for option in options:
-            if option not in accepted or option in ("space", "metric", "mode", "points_to_evaluate"):
-                raise ConfigError(f"searcher.{option}", "is not an OptunaSearch option")
-    if search.workers > 1 and search.gpu and search.gpu != int(search.gpu):
-        raise ConfigError("resources.gpu", "a multi-worker trial takes whole GPUs per worker")
+            if option not in accepted or option in ("space", "metric", "mode", "points_to_evaluate", "seed"):
+                raise ConfigError(f"searcher.{option}", "is not an OptunaSearch option (seed is set at the top)")
+    if search.cpu == 0 and search.gpu == 0:
+        raise ConfigError("resources", "a trial needs a CPU or a GPU")
+    if search.gpu > 1 or (search.workers > 1 and search.gpu not in (0, 1)):
+        raise ConfigError("resources.gpu", "is 0, 1 or a fraction of one per trial; use workers: N for N-GPU trials")
+    if options := search.scheduler[1]:
+        _check_scheduler(search.scheduler[0], options)
+
+
+def _check_scheduler(name: str, options: dict[str, Any]) -> None:
+    """A result key the scheduler would never find makes it stop nothing, silently."""
+    time_attrs = ("training_iteration", "step", "time_total_s")
+    if options.get("time_attr", "training_iteration") not in time_attrs:
+        raise ConfigError("scheduler.time_attr", f"must be one of {', '.join(time_attrs)}")
 
 
 def _wandb(raw: Any) -> dict[str, Any] | None:
@@ -246,6 +270,12 @@ def _wandb(raw: Any) -> dict[str, Any] | None:
     unknown = set(raw) - {"project", "entity", "tags"}
     if unknown:
         raise ConfigError(f"wandb.{sorted(unknown)[0]}", "unknown; use project, entity and tags")
+    if "tags" in raw and not (isinstance(raw["tags"], list) and all(isinstance(t, str) for t in raw["tags"])):
+        raise ConfigError("wandb.tags", f"must be a list of strings, got {raw['tags']!r}")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("wandb", "wandb is not installed: pip install 'bilevel-dist[wandb]'") from None
     return dict(raw)
 
 

@@ -14,6 +14,7 @@ import datetime
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.tune.search import Search, parse
-from bilevel_dist.tune.trial import run_trial, with_settings
+from bilevel_dist.tune.trial import run_trial, trial_config, with_settings
 
 SWEEP_FILE = "bilevel_sweep.yaml"  # the recipe and the search, for --resume
 BEST_FILE = "best.yaml"
@@ -31,15 +32,25 @@ RESULTS_FILE = "results.csv"
 def prepare(recipe_path: str | Path, search: Search) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
     """The recipe as a mapping, the model's validation metrics and the recipe's own values of the
     searched keys, after checking every searched value against the recipe (see module doc)."""
-    from bilevel_dist.cli import UserError
-
     recipe_path = Path(recipe_path)
     if not recipe_path.is_file():
         raise ConfigError("config", f"no such file: {recipe_path}")
-    recipe = yaml.safe_load(recipe_path.read_text())
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError("config", f"{recipe_path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(recipe, dict):
         raise ConfigError("config", f"{recipe_path} is not a fit config (a mapping of model, data, trainer)")
-    base = with_settings(recipe, search.fixed)
+    # as a trial builds it: with the trial's loggers (wandb's among them) and callbacks
+    with tempfile.TemporaryDirectory() as scratch:
+        base = trial_config(with_settings(recipe, search.fixed), Path(scratch), wandb=search.wandb, group="-", name="-")
+        return _check(recipe, base, search)
+
+
+def _check(recipe: dict[str, Any], base: dict[str, Any], search: Search) -> tuple[Any, ...]:
+    """:func:`prepare`'s checks on ``base``, the recipe as a trial runs it."""
+    from bilevel_dist.cli import UserError
+
     try:
         cli = _build(base)
     except UserError as error:
@@ -54,16 +65,21 @@ def prepare(recipe_path: str | Path, search: Search) -> tuple[dict[str, Any], tu
                 _build(with_settings(base, {key: value}))
             except UserError as error:
                 raise ConfigError(f"space.{key}", f"{value!r} does not make a run: {error}") from None
-    return recipe, logged, _recipe_values(cli.config.as_dict(), search)
+    values = _recipe_values(cli.config.as_dict(), search)
+    for key, build in (("scheduler", _scheduler), ("searcher", _searcher)):
+        try:
+            build(search, [values])
+        except (AssertionError, TypeError, ValueError) as error:
+            raise ConfigError(key, _one_line(error)) from None
+    return recipe, logged, values
 
 
 def _recipe_values(parsed: dict[str, Any], search: Search) -> dict[str, Any]:
-    """The recipe's own value of each searched key that the space can take: the first trial."""
+    """The recipe's own value of each searched key that the space can give: the first trial."""
     values = {}
-    for key, (kind, args) in search.space.items():
+    for key in search.space:
         found, value = _get_key(parsed, key)
-        inside = value in args if kind in ("choice", "grid") else _is_number(value) and args[0] <= value <= args[1]
-        if found and inside:
+        if found and search.contains(key, value):
             values[key] = value
     return values
 
@@ -95,9 +111,7 @@ def run(
         if _exists(f"{sweep_dir}/{SWEEP_FILE}"):
             raise ConfigError("name", f"a sweep named {name!r} is already in {storage}; use --resume {sweep_dir}")
         metrics = list(metrics)
-        points = [values] if search.include_recipe and values else []
-        saved = {"recipe": recipe, "search": search.as_dict(), "launch_dir": launch_dir, "metrics": metrics}
-        _write(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(saved, sort_keys=False))
+        points = [values] if search.include_recipe else []
     plan = {
         "recipe": recipe,
         "fixed": search.fixed,
@@ -120,48 +134,62 @@ def run(
         ray.init(address=address, **({"include_dashboard": False} if local else {}))
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _resources(search))
     if resume is not None:
+        if not tune.Tuner.can_restore(sweep_dir):
+            raise ConfigError("resume", f"{sweep_dir} holds no Tune state to resume (the sweep never started)")
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _tuner(trainable, search, points, name, storage)
+        saved = {"recipe": recipe, "search": search.as_dict(), "launch_dir": launch_dir, "metrics": metrics}
+        _write(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(saved, sort_keys=False))
     results = tuner.fit()
     return _report(results, recipe, search, sweep_dir)
 
 
 def _tuner(trainable: Any, search: Search, points: list[dict[str, Any]], name: str, storage: str) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    space = {key: _distribution(kind, args) for key, (kind, args) in search.space.items()}
-    scheduler_name, scheduler_options = search.scheduler
-    scheduler = {"asha": ASHAScheduler, "median": MedianStoppingRule, "fifo": FIFOScheduler}[scheduler_name]
-    searcher_name, searcher_options = search.searcher
-    if searcher_name == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(points_to_evaluate=points or None, seed=search.seed, **searcher_options)
-    else:
-        searcher = BasicVariantGenerator(points_to_evaluate=points or None, random_state=search.seed)
     return tune.Tuner(
         trainable,
-        param_space=space,
+        param_space={key: _distribution(kind, args) for key, (kind, args) in search.space.items()},
         tune_config=tune.TuneConfig(
             metric=search.metric,
             mode=search.mode,
             num_samples=search.num_samples,
-            scheduler=scheduler(**scheduler_options),
-            search_alg=searcher,
-            max_concurrent_trials=search.max_concurrent,
+            scheduler=_scheduler(search, points),
+            search_alg=_searcher(search, points),
+            # a multi-worker trial reserves nothing itself: without a limit every trial would start
+            # a worker group at once and wait for resources
+            max_concurrent_trials=search.max_concurrent or (1 if search.workers > 1 else None),
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            # Ray Train retries a multi-worker trial itself
+            failure_config=tune.FailureConfig(max_failures=search.max_failures if search.workers == 1 else 0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=search.keep_checkpoints),
             sync_config=tune.SyncConfig(sync_artifacts=True),  # the trials' logs go to the sweep's storage
             verbose=1,
         ),
     )
+
+
+def _scheduler(search: Search, points: list[dict[str, Any]]) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    name, options = search.scheduler
+    return {"asha": ASHAScheduler, "median": MedianStoppingRule, "fifo": FIFOScheduler}[name](**options)
+
+
+def _searcher(search: Search, points: list[dict[str, Any]]) -> Any:
+    points = [point for point in points if point] or None
+    name, options = search.searcher
+    if name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(points_to_evaluate=points, seed=search.seed, **options)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=search.seed)
 
 
 def _distribution(kind: str, args: list[Any]) -> Any:
@@ -217,8 +245,10 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
     )
     print(f"best trial {row['trial']}: {search.metric} = {row[search.metric]:.6g}")
     print(f"best config: {path}  (bilevel-dist fit --config {path})")
-    if result.checkpoint is not None:
-        print(f"best checkpoint: {result.checkpoint.path}")
+    # a multi-worker trial's checkpoints are Ray Train's; Tune only hears of their path
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else result.metrics.get("checkpoint_path")
+    if checkpoint:
+        print(f"best checkpoint: {checkpoint}")
     return 0
 
 
@@ -253,6 +283,10 @@ def _get_key(config: dict[str, Any], key: str) -> tuple[bool, Any]:
             return False, None
         node = node[part]
     return True, node
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _is_number(value: Any) -> bool:

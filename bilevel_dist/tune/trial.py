@@ -60,6 +60,7 @@ def trial_config(
     if loggers is True or loggers is None:
         loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger"}]
     loggers = [] if loggers is False else loggers if isinstance(loggers, list) else [loggers]
+    loggers = [_entry(entry) for entry in loggers]
     if wandb is not None:
         loggers.append({"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": dict(wandb)})
     for entry in loggers:
@@ -67,13 +68,18 @@ def trial_config(
         if kind in _OUTPUT_LOGGERS:
             entry.setdefault("init_args", {})["save_dir"] = str(out_dir / "logs")
         if kind == "WandbLogger":  # one run per trial, resumed by a retried trial
-            entry["init_args"].update(group=group, name=name, id=name, resume="allow")
+            entry["init_args"].update(group=group, name=name, id=f"{group}-{name}", resume="allow")
     trainer["logger"] = loggers or False
     callbacks = trainer.get("callbacks") or []
-    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    callbacks = [_entry(entry) for entry in (callbacks if isinstance(callbacks, list) else [callbacks])]
     trainer["callbacks"] = [c for c in callbacks if not str(c.get("class_path", "")).endswith("ModelCheckpoint")]
     trainer["enable_checkpointing"] = False  # nor Lightning's default one
     return config
+
+
+def _entry(entry: Any) -> Any:
+    """``pkg.Class`` shorthand as ``{class_path: pkg.Class}``."""
+    return {"class_path": entry} if isinstance(entry, str) else copy.deepcopy(entry)
 
 
 def _report_callback(metrics: list[str], workers: bool) -> Any:
