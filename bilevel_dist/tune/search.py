@@ -111,14 +111,18 @@ class Search:
 
 def load(path: str | Path) -> Search:
     """Reads and checks SEARCH.yaml; a missing or unreadable file is a :class:`ConfigError` too."""
+    return parse(read_yaml(path, "search"))
+
+
+def read_yaml(path: str | Path, key: str) -> Any:
+    """The YAML file at ``path``; a missing file or bad YAML is a :class:`ConfigError` on ``key``."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("search", f"no such file: {path}")
+        raise ConfigError(key, f"no such file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError("search", f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
-    return parse(raw)
+        raise ConfigError(key, f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def parse(raw: Any) -> Search:

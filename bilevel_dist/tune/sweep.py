@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.tune.search import Search, parse
+from bilevel_dist.tune.search import Search, parse, read_yaml
 from bilevel_dist.tune.trial import run_trial, trial_config, with_settings
 
 SWEEP_FILE = "bilevel_sweep.yaml"  # the recipe and the search, for --resume
@@ -32,13 +32,7 @@ RESULTS_FILE = "results.csv"
 def prepare(recipe_path: str | Path, search: Search) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
     """The recipe as a mapping, the model's validation metrics and the recipe's own values of the
     searched keys, after checking every searched value against the recipe (see module doc)."""
-    recipe_path = Path(recipe_path)
-    if not recipe_path.is_file():
-        raise ConfigError("config", f"no such file: {recipe_path}")
-    try:
-        recipe = yaml.safe_load(recipe_path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError("config", f"{recipe_path} is not valid YAML: {' '.join(str(error).split())}") from None
+    recipe = read_yaml(recipe_path, "config")
     if not isinstance(recipe, dict):
         raise ConfigError("config", f"{recipe_path} is not a fit config (a mapping of model, data, trainer)")
     # as a trial builds it: with the trial's loggers (wandb's among them) and callbacks
