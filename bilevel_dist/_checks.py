@@ -27,6 +27,16 @@ def setting(key: str, check: Any, value: Any) -> Any:
         raise ConfigError(key, str(error)) from None
 
 
+def one_line(message: Any) -> str:
+    """``message`` (an error or text) on one line, for a one-line CLI error."""
+    return " ".join(str(message).split())
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     """Returns ``value`` if it is an int ``> 0`` (``>= 0`` with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -38,7 +48,7 @@ def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
 
 def positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
     """Returns ``value`` as a float if it is finite and ``> 0`` (``>= 0`` with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")

@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Any
 
-from bilevel_dist._checks import ConfigError
+from bilevel_dist._checks import ConfigError, one_line
 
 COMMANDS = ("fit", "validate", "test")
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -25,10 +25,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 class UserError(Exception):
     """A mistake in the command line or config: reported in one line, exit code 2."""
-
-
-def _one_line(message: str) -> str:
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def _parser_message(message: str) -> str:
@@ -51,7 +47,7 @@ def _parser_message(message: str) -> str:
                     key += ".init_args"
         elif not match:
             break
-    reason = _one_line(reason)
+    reason = one_line(reason)
     return f"{key}: {reason}" if key else reason
 
 
@@ -106,7 +102,7 @@ def cli_class() -> type:
                 origin = _origin(cause)
                 if isinstance(cause, ConfigError):
                     raise UserError(f"{origin}.init_args.{cause.key}: {cause}") from None
-                raise UserError(f"{origin}: {_one_line(str(cause))}") from None
+                raise UserError(f"{origin}: {one_line(cause)}") from None
 
     return BilevelCLI
 

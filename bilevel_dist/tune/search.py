@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bilevel_dist._checks import ConfigError, positive_int
+from bilevel_dist._checks import ConfigError, is_number, one_line, positive_int
 
 # Tune's sampling functions by the name SEARCH.yaml uses, with the arity of their arguments.
 DISTRIBUTIONS = {
@@ -122,7 +122,7 @@ def read_yaml(path: str | Path, key: str) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(key, f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+        raise ConfigError(key, f"{path} is not valid YAML: {one_line(error)}") from None
 
 
 def parse(raw: Any) -> Search:
@@ -196,7 +196,7 @@ def _arguments(where: str, kind: str, args: Any) -> list[Any]:
     arity = DISTRIBUTIONS[kind]
     if arity is None:
         return args
-    if len(args) != arity or not all(_is_number(a) for a in args):
+    if len(args) != arity or not all(is_number(a) for a in args):
         shape = "[low, high, q]" if arity == 3 else "[low, high]"
         raise ConfigError(where, f"{kind} takes {shape} numbers, got {args!r}")
     low, high = args[:2]
@@ -291,7 +291,7 @@ def _int(key: str, value: Any, allow_zero: bool = False) -> int:
 
 
 def _number(key: str, value: Any) -> float:
-    if not _is_number(value) or value < 0 or not math.isfinite(value):
+    if not is_number(value) or value < 0 or not math.isfinite(value):
         raise ConfigError(key, f"must be a number >= 0, got {value!r}")
     return float(value)
 
@@ -300,10 +300,6 @@ def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"must be true or false, got {value!r}")
     return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _suggest(word: str, options: Any) -> str:

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from bilevel_dist._checks import ConfigError
+from bilevel_dist._checks import ConfigError, is_number, one_line
 from bilevel_dist.tune.search import Search, parse, read_yaml
-from bilevel_dist.tune.trial import run_trial, trial_config, with_settings
+from bilevel_dist.tune.trial import get_key, run_trial, trial_config, with_settings
 
 SWEEP_FILE = "bilevel_sweep.yaml"  # the recipe and the search, for --resume
 BEST_FILE = "best.yaml"
@@ -60,11 +60,11 @@ def _check(recipe: dict[str, Any], base: dict[str, Any], search: Search) -> tupl
             except UserError as error:
                 raise ConfigError(f"space.{key}", f"{value!r} does not make a run: {error}") from None
     values = _recipe_values(cli.config.as_dict(), search)
-    for key, build in (("scheduler", _scheduler), ("searcher", _searcher)):
+    for key, build in (("scheduler", lambda: _scheduler(search)), ("searcher", lambda: _searcher(search, [values]))):
         try:
-            build(search, [values])
+            build()
         except (AssertionError, TypeError, ValueError) as error:
-            raise ConfigError(key, _one_line(error)) from None
+            raise ConfigError(key, one_line(error) or type(error).__name__) from None
     return recipe, logged, values
 
 
@@ -72,7 +72,7 @@ def _recipe_values(parsed: dict[str, Any], search: Search) -> dict[str, Any]:
     """The recipe's own value of each searched key that the space can give: the first trial."""
     values = {}
     for key in search.space:
-        found, value = _get_key(parsed, key)
+        found, value = get_key(parsed, key)
         if found and search.contains(key, value):
             values[key] = value
     return values
@@ -149,7 +149,7 @@ def _tuner(trainable: Any, search: Search, points: list[dict[str, Any]], name: s
             metric=search.metric,
             mode=search.mode,
             num_samples=search.num_samples,
-            scheduler=_scheduler(search, points),
+            scheduler=_scheduler(search),
             search_alg=_searcher(search, points),
             # a multi-worker trial reserves nothing itself: without a limit every trial would start
             # a worker group at once and wait for resources
@@ -167,7 +167,7 @@ def _tuner(trainable: Any, search: Search, points: list[dict[str, Any]], name: s
     )
 
 
-def _scheduler(search: Search, points: list[dict[str, Any]]) -> Any:
+def _scheduler(search: Search) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     name, options = search.scheduler
@@ -248,7 +248,7 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
 
 def _usable(row: dict[str, Any], metric: str) -> bool:
     """A trial that ended well: no error and a finite metric (a diverged trial reports NaN)."""
-    return row["status"] == "OK" and _is_number(row[metric]) and math.isfinite(row[metric])
+    return row["status"] == "OK" and is_number(row[metric]) and math.isfinite(row[metric])
 
 
 def _build(config: dict[str, Any]) -> Any:
@@ -266,25 +266,6 @@ def _quiet() -> Any:
         yield
     finally:
         logging.disable(logging.NOTSET)
-
-
-def _get_key(config: dict[str, Any], key: str) -> tuple[bool, Any]:
-    node: Any = config
-    for part in key.split("."):
-        if isinstance(node, dict) and "class_path" in node and part not in ("class_path", "init_args"):
-            node = node.get("init_args") or {}
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _absolute(path: str) -> str:

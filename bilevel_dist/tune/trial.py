@@ -15,18 +15,26 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bilevel_dist.cli import TRAINER_DEFAULTS
+
 CHECKPOINT = "checkpoint.ckpt"
 _OUTPUT_LOGGERS = ("CSVLogger", "TensorBoardLogger", "WandbLogger")
 
 
+def _holder(node: Any, part: str, create: bool) -> Any:
+    """Where ``part`` lives under ``node``: a ``class_path`` entry keeps its settings in
+    ``init_args`` (``model.x`` is ``model.init_args.x``, as on the command line)."""
+    if isinstance(node, dict) and "class_path" in node and part not in ("class_path", "init_args"):
+        return node.setdefault("init_args", {}) if create else node.get("init_args") or {}
+    return node
+
+
 def set_key(config: dict[str, Any], key: str, value: Any) -> None:
-    """Sets dotted ``key`` in a ``fit`` config; ``model.x`` reaches ``model.init_args.x`` of a
-    ``class_path`` entry, as on the command line."""
+    """Sets dotted ``key`` in a ``fit`` config (see :func:`_holder`)."""
     node = config
     parts = key.split(".")
     for depth, part in enumerate(parts):
-        if isinstance(node, dict) and "class_path" in node and part not in ("class_path", "init_args"):
-            node = node.setdefault("init_args", {})
+        node = _holder(node, part, create=True)
         if depth == len(parts) - 1:
             node[part] = copy.deepcopy(value)
             return
@@ -37,6 +45,17 @@ def set_key(config: dict[str, Any], key: str, value: Any) -> None:
             child = {}
         node[part] = child
         node = child
+
+
+def get_key(config: dict[str, Any], key: str) -> tuple[bool, Any]:
+    """``(found, value)`` of dotted ``key`` in a ``fit`` config (see :func:`_holder`)."""
+    node: Any = config
+    for part in key.split("."):
+        node = _holder(node, part, create=False)
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 def with_settings(recipe: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -57,8 +76,8 @@ def trial_config(
     trainer["default_root_dir"] = str(out_dir)
     trainer["enable_progress_bar"] = False  # Tune prints the trials' status instead
     loggers = trainer.get("logger", True)
-    if loggers is True or loggers is None:
-        loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger"}]
+    if loggers is True or loggers is None:  # the CLI's default logger
+        loggers = [TRAINER_DEFAULTS["logger"]]
     loggers = [] if loggers is False else loggers if isinstance(loggers, list) else [loggers]
     loggers = [_entry(entry) for entry in loggers]
     if wandb is not None:
