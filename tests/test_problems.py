@@ -4,7 +4,8 @@ import torch
 
 import bilevel_dist as bd
 from bilevel_dist import hypergrad, solvers
-from bilevel_dist.problems import FiniteSumQuadratic, HyperCleaning, flip_labels
+from bilevel_dist.label_noise import flip_labels
+from bilevel_dist.problems import FiniteSumQuadratic, HyperCleaning
 
 
 def test_quadratic_closed_forms_match_numerical_solve():

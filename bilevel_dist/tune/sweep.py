@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from bilevel_dist._checks import ConfigError, is_number, one_line
+from bilevel_dist.lightning_cli import UserError, cli_class
 from bilevel_dist.tune.search import Search, parse, read_yaml
 from bilevel_dist.tune.trial import get_key, run_trial, trial_config, with_settings
 
@@ -43,8 +44,6 @@ def prepare(recipe_path: str | Path, search: Search) -> tuple[dict[str, Any], tu
 
 def _check(recipe: dict[str, Any], base: dict[str, Any], search: Search) -> tuple[Any, ...]:
     """:func:`prepare`'s checks on ``base``, the recipe as a trial runs it."""
-    from bilevel_dist.cli import UserError
-
     try:
         cli = _build(base)
     except UserError as error:
@@ -253,8 +252,6 @@ def _usable(row: dict[str, Any], metric: str) -> bool:
 
 def _build(config: dict[str, Any]) -> Any:
     """The ``fit`` run of ``config`` built but not run, with Lightning's start-up chatter muted."""
-    from bilevel_dist.cli import cli_class
-
     with _quiet():
         return cli_class()(config, run=False)
 

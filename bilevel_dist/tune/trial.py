@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bilevel_dist.cli import TRAINER_DEFAULTS
+from bilevel_dist.lightning_cli import TRAINER_DEFAULTS, cli_class
 
 CHECKPOINT = "checkpoint.ckpt"
 _OUTPUT_LOGGERS = ("CSVLogger", "TensorBoardLogger", "WandbLogger")
@@ -127,8 +127,6 @@ def _report_callback(metrics: list[str], workers: bool) -> Any:
 
 def _fit(config: dict[str, Any], metrics: list[str], checkpoint: Any, workers: bool) -> None:
     """Builds the run as ``bilevel-dist fit`` does and fits it, from ``checkpoint`` when there is one."""
-    from bilevel_dist.cli import cli_class
-
     cli = cli_class()(config, run=False)
     trainer = cli.trainer
     if workers:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.problems import flip_labels
+from bilevel_dist.label_noise import flip_labels
 
 KINDS = ("flip", "uniform")
 
