@@ -57,9 +57,9 @@ import torch
 from torch import Tensor
 
 from bilevel_dist import algorithms
-from bilevel_dist.algorithms import Algorithm, Oracles, PerStep, State
+from bilevel_dist.algorithms import Algorithm, PerStep, State
 from bilevel_dist.algorithms.double_loop import DoubleLoop
-from bilevel_dist.linalg import Linearization
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.problems import FiniteSumQuadratic, HyperCleaning
 from bilevel_dist.tree import Tree
@@ -152,15 +152,8 @@ class CountingOracles(Oracles):
         self.counter = counter
         self.full_inner = sizes[0]
 
-    def linearize(self, w: Tree, x: Tree, batch: Any) -> Linearization:
-        lin = super().linearize(w, x, batch)
-        n = batch_size(batch, self.full_inner)
-
-        def products(v: Tree) -> tuple[Tree, Tree]:
-            self.counter.products += n
-            return lin.both(v)
-
-        return Linearization(lin.grad, products)
+    def linearize(self, w: Tree, x: Tree, batch: Any, joint: bool = False) -> Any:
+        return _CountedProducts(super().linearize(w, x, batch, joint), self.counter, batch_size(batch, self.full_inner))
 
     def per_sample(self, fn: Callable[[Any], Tree], batch: dict[str, Tensor]) -> Tree:
         n = int(batch["index"].shape[0])
@@ -174,6 +167,26 @@ class CountingOracles(Oracles):
         if self.counter.inner_evaluations > before:
             self.counter.products += n
         return out
+
+
+class _CountedProducts:
+    """A linearisation whose every backward (``hvp``, ``mixed``, or both at once) adds ``n``."""
+
+    def __init__(self, lin: Any, counter: OracleCounter, n: int) -> None:
+        self.lin, self.counter, self.n, self.grad = lin, counter, n, lin.grad
+
+    def _counted(self, method: str, v: Tree) -> Any:
+        self.counter.products += self.n
+        return getattr(self.lin, method)(v)
+
+    def hvp(self, v: Tree) -> Tree:
+        return self._counted("hvp", v)
+
+    def mixed(self, v: Tree) -> Tree:
+        return self._counted("mixed", v)
+
+    def both(self, v: Tree) -> tuple[Tree, Tree]:
+        return self._counted("both", v)
 
 
 def instrument(

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from bilevel_dist.distributed import Comm
 from bilevel_dist.hypergrad.base import Estimator, Solution
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem, check_problem
 from bilevel_dist.solvers import Solver
 from bilevel_dist.tree import Tree
@@ -23,6 +25,7 @@ def solve(
     inner_batch: Any = None,
     outer_batch: Any = None,
     check: bool = True,
+    comm: Comm | None = None,
 ) -> Solution:
     """Solves the lower level from ``inner`` and returns the hypergradient at ``outer``.
 
@@ -35,6 +38,8 @@ def solve(
         inner_batch: passed to ``inner_loss`` as its ``batch``.
         outer_batch: passed to ``outer_loss`` as its ``batch``.
         check: validate the inputs first (two extra loss evaluations); turn off in hot loops.
+        comm: the ranks this problem's batches are split over (default: every rank of an
+            initialised process group, else none); the returned hypergradient is the global one.
 
     Returns:
         :class:`Solution` with ``.inner`` (solution reached), ``.grad`` (shaped like ``outer``)
@@ -48,8 +53,8 @@ def solve(
     if check:
         check_problem(problem, outer, inner, inner_batch, outer_batch)
     start = time.perf_counter()
-    solution = hypergrad(problem, outer, inner, solver, inner_batch, outer_batch)
-    solution.info["seconds"] = time.perf_counter() - start
+    solution = hypergrad(Oracles(problem, comm), outer, inner, solver, inner_batch, outer_batch)
+    solution.info |= {"seconds": time.perf_counter() - start}
     bad = [k for k, g in solution.grad.items() if not bool(torch.isfinite(g).all())]
     if bad:
         raise ValueError(

@@ -57,10 +57,18 @@ class Comm:
         """Averages every tensor of ``tree`` over the ranks (differentiably when it needs grad);
         a sharded leaf is only scaled by ``1/W``: no other rank contributes to its rows. The
         replicated leaves travel in one flat buffer: one all-reduce per call."""
+        return self._reduce(tree, average=True)
+
+    def sum(self, tree: Tree) -> Tree:
+        """Sums every replicated tensor of ``tree`` over the ranks; a sharded leaf is left as it
+        is (its rows are this rank's alone). One all-reduce per call."""
+        return self._reduce(tree, average=False)
+
+    def _reduce(self, tree: Tree, average: bool) -> Tree:
         if not self.active:
             return tree
-        world = self.world_size
-        out = {k: tree[k] / world for k in tree if k in self.sharded}
+        world = self.world_size if average else 1
+        out = {k: tree[k] / world if average else tree[k] for k in tree if k in self.sharded}
         dtypes = {tree[k].dtype for k in tree if k not in self.sharded}
         for dtype in dtypes:  # one buffer per dtype (usually one)
             shared = [k for k in tree if k not in self.sharded and tree[k].dtype == dtype]

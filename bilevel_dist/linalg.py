@@ -33,34 +33,50 @@ def loss_grads(loss: Loss, inner: Tree, outer: Tree, batch: Any) -> tuple[Tree, 
     return grad(loss, argnums=(0, 1))(inner, outer, batch)
 
 
-@dataclass
 class Linearization:
     """The gradient ``∇_w ℓ(w, x)`` at one point, with its derivatives as linear maps.
 
-    ``hvp(v) = ∇²_ww ℓ · v`` and ``mixed(v) = ∇²_xw ℓ · v = ∂/∂x ⟨∇_w ℓ, v⟩``; both come from
-    one ``vjp`` of the gradient, so every product after the first costs one backward.
+    ``hvp(v) = ∇²_ww ℓ · v`` is one backward of a vjp over ``w`` alone, so a run of products (CG,
+    Neumann) never back-propagates into ``x``. ``mixed(v) = ∇²_xw ℓ · v = ∂/∂x ⟨∇_w ℓ, v⟩`` is
+    linearised over ``x`` when first asked for. With ``joint=True`` one vjp over ``(w, x)`` gives
+    both products of the same ``v`` in one backward (:meth:`both`: single-loop methods).
     """
 
-    grad: Tree
-    _vjp: Callable[[Tree], tuple[Tree, Tree]]
+    def __init__(self, loss: Loss, inner: Tree, outer: Tree, batch: Any, joint: bool = False) -> None:
+        self._loss, self._inner, self._outer, self._batch = loss, inner, outer, batch
+        if joint:
+            self.grad, self._joint = vjp(lambda w, x: grad(loss)(w, x, batch), inner, outer)
+            self._over_w = None
+        else:
+            self.grad, self._over_w = vjp(lambda w: grad(loss)(w, outer, batch), inner)
+            self._joint = None
+        self._over_x: Callable[[Tree], tuple[Tree]] | None = None
 
     def hvp(self, v: Tree) -> Tree:
         """Hessian-vector product ``∇²_ww ℓ · v``."""
-        return self._vjp(v)[0]
+        if self._over_w is not None:
+            return self._over_w(v)[0]
+        return self._joint(v)[0]  # type: ignore[misc]
 
     def mixed(self, v: Tree) -> Tree:
         """Mixed second-derivative product ``∇²_xw ℓ · v``, shaped like the outer tree."""
-        return self._vjp(v)[1]
+        if self._joint is not None:
+            return self._joint(v)[1]
+        if self._over_x is None:
+            loss, inner, batch = self._loss, self._inner, self._batch
+            self._over_x = vjp(lambda x: grad(loss)(inner, x, batch), self._outer)[1]
+        return self._over_x(v)[0]
 
     def both(self, v: Tree) -> tuple[Tree, Tree]:
-        """``(hvp(v), mixed(v))`` in one backward."""
-        return self._vjp(v)
+        """``(hvp(v), mixed(v))``, in one backward when linearised jointly."""
+        if self._joint is not None:
+            return self._joint(v)
+        return self.hvp(v), self.mixed(v)
 
 
-def linearize(loss: Loss, inner: Tree, outer: Tree, batch: Any) -> Linearization:
+def linearize(loss: Loss, inner: Tree, outer: Tree, batch: Any, joint: bool = False) -> Linearization:
     """Linearises ``∇_w loss`` at ``(inner, outer)`` (see :class:`Linearization`)."""
-    g, vjp_fn = vjp(lambda w, x: grad(loss)(w, x, batch), inner, outer)
-    return Linearization(g, vjp_fn)
+    return Linearization(loss, inner, outer, batch, joint)
 
 
 def dense_hessian(hvp: MatVec, like: Tree, batched: bool, chunk_size: int | None = None) -> Tensor:
@@ -83,11 +99,19 @@ def dense_hessian(hvp: MatVec, like: Tree, batched: bool, chunk_size: int | None
 
 @dataclass
 class LinearSolve:
-    """Result of a linear solve: the solution, its residual norm and the iterations used."""
+    """Result of a linear solve: the solution, its residual norm (``None`` when it would cost a
+    product of its own and was not asked for) and the iterations used."""
 
     solution: Tree
-    residual: Tensor
+    residual: Tensor | None
     iterations: int
+
+
+Dot = Callable[[Tree, Tree], Tensor]
+
+
+def _dot(dot: Dot | None, batched: bool) -> Dot:
+    return dot if dot is not None else partial(tree.dot, batched=batched)
 
 
 def cg(
@@ -97,19 +121,23 @@ def cg(
     iters: int,
     tol: float | Tensor = 0.0,
     batched: bool = False,
-    dot: Callable[[Tree, Tree], Tensor] | None = None,
+    dot: Dot | None = None,
+    start: Tree | None = None,
 ) -> LinearSolve:
-    """Conjugate gradient for ``A v = b`` with ``A`` symmetric positive definite.
+    """Conjugate gradient for ``A v = b`` with ``A`` symmetric positive definite, from ``start``
+    (default 0).
 
     Each problem of a batch has its own step sizes and stops on its own once its residual norm
     falls to ``tol`` (a number, or one per problem); iteration ends when all have. ``dot``
-    replaces the inner product (``Comm.dot`` when leaves are sharded across ranks).
+    replaces the inner product: a reduction over ranks for a shared system (every rank then
+    takes the same early exit), a per-problem local one for independent problems.
     """
-    if dot is None:
-        dot = partial(tree.dot, batched=batched)
-    x = tree.zeros_like(b)
-    r = dict(b)
-    p = dict(b)
+    dot = _dot(dot, batched)
+    if start is None:
+        x, r = tree.zeros_like(b), dict(b)
+    else:
+        x, r = dict(start), tree.sub(b, matvec(start))
+    p = dict(r)
     rr = dot(r, r)
     active = rr.sqrt() > tol
     it = 0
@@ -130,27 +158,76 @@ def cg(
     return LinearSolve(x, rr.sqrt(), it)
 
 
-def neumann(matvec: MatVec, b: Tree, *, iters: int, alpha: float, batched: bool = False) -> LinearSolve:
-    """Truncated Neumann series ``A⁻¹ b ≈ α Σ_{j<iters} (I − α A)^j b``; needs ``α ≤ 1/L``."""
+def neumann(
+    matvec: MatVec,
+    b: Tree,
+    *,
+    iters: int,
+    alpha: float,
+    batched: bool = False,
+    weights: list[float] | None = None,
+    dot: Dot | None = None,
+    residual: bool = False,
+) -> LinearSolve:
+    """Truncated Neumann series ``A⁻¹ b ≈ α Σ_{j<iters} c_j (I − α A)^j b``; needs ``α ≤ 1/L``.
+
+    ``weights`` are the ``c_j`` (default 1: the plain series; a random truncation such as BSA's
+    weighs the terms it drew). ``iters − 1`` products; ``residual=True`` adds one for ``‖b − A v‖``.
+    """
+    weights = [1.0] * iters if weights is None else weights
     term = dict(b)
-    total = dict(b)
-    for _ in range(iters - 1):
+    total = tree.scale(b, weights[0])
+    for j in range(1, len(weights)):
         term = tree.axpy(-alpha, matvec(term), term)
-        total = tree.add(total, term)
+        if weights[j]:
+            total = tree.axpy(weights[j], term, total)
     solution = tree.scale(total, alpha)
-    residual = tree.norm(tree.sub(b, matvec(solution)), batched)
-    return LinearSolve(solution, residual, iters)
+    norm = None
+    if residual:
+        left = tree.sub(b, matvec(solution))
+        norm = _dot(dot, batched)(left, left).sqrt()
+    return LinearSolve(solution, norm, len(weights))
+
+
+def gradient_descent(
+    matvec: MatVec,
+    b: Tree,
+    *,
+    iters: int,
+    lr: float,
+    start: Tree | None = None,
+    batched: bool = False,
+    dot: Dot | None = None,
+    residual: bool = False,
+) -> LinearSolve:
+    """``iters`` gradient steps ``v ← v − lr (A v − b)`` on ``½ vᵀAv − vᵀb`` from ``start``
+    (a warm start, as AmIGO keeps ``v`` across outer steps); ``residual=True`` adds one product."""
+    v = tree.zeros_like(b) if start is None else start
+    for _ in range(iters):
+        v = tree.axpy(-lr, tree.sub(matvec(v), b), v)
+    norm = None
+    if residual:
+        left = tree.sub(b, matvec(v))
+        norm = _dot(dot, batched)(left, left).sqrt()
+    return LinearSolve(v, norm, iters)
 
 
 def fixed_point(
-    transpose_jacobian: MatVec, b: Tree, *, iters: int, tol: float | Tensor = 0.0, batched: bool = False
+    transpose_jacobian: MatVec,
+    b: Tree,
+    *,
+    iters: int,
+    tol: float | Tensor = 0.0,
+    batched: bool = False,
+    dot: Dot | None = None,
 ) -> LinearSolve:
     """Iterates ``v ← Jᵀ v + b`` to the fixed point ``v = (I − Jᵀ)⁻¹ b``; needs a contraction.
 
     Stops per problem once ``‖v_{k+1} − v_k‖ ≤ tol``; the returned residual is that step norm.
     """
+    dot = _dot(dot, batched)
     v = tree.zeros_like(b)
-    step = tree.norm(b, batched)
+    step = dot(b, b).sqrt()
     active = step > tol
     it = 0
     for it in range(1, iters + 1):
@@ -158,7 +235,8 @@ def fixed_point(
             it -= 1
             break
         new = tree.add(transpose_jacobian(v), b)
-        step = torch.where(active, tree.norm(tree.sub(new, v), batched), step)
+        change = tree.sub(new, v)
+        step = torch.where(active, dot(change, change).sqrt(), step)
         v = tree.where(active, new, v, batched)
         active = active & (step > tol)
     return LinearSolve(v, step, it)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bilevel_dist.label_noise import flip_labels
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.tree import Tree
 
@@ -212,17 +213,6 @@ class FiniteSumQuadratic(_Sampled):
         return {"x": self.mu_outer * outer["x"] - b @ torch.linalg.solve(a, grad_z)}
 
 
-def flip_labels(labels: Tensor, rate: float, classes: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Replaces a ``rate`` fraction of labels (chosen at random) by a uniformly random *different*
-    class; returns the noisy labels and the mask of flipped samples."""
-    if not 0 <= rate < 1:
-        raise ValueError(f"noise rate must lie in [0, 1), got {rate}")
-    flipped = torch.zeros(labels.shape[0], dtype=torch.bool)
-    flipped[torch.randperm(labels.shape[0], generator=generator)[: int(rate * labels.shape[0])]] = True
-    shift = torch.randint(1, classes, labels.shape, generator=generator)
-    return torch.where(flipped, (labels + shift) % classes, labels), flipped
-
-
 @dataclass
 class HyperCleaning(_Sampled):
     """Data hyper-cleaning (Franceschi et al. 2017) on scikit-learn's bundled 8×8 digits.
@@ -385,3 +375,83 @@ class LogisticRegression(_Sampled):
     def value(self, outer: Tree) -> float:
         """``h(x) = f(x, w*(x))`` through the Newton reference solution."""
         return float(self.outer_loss(self.solution(outer), outer))
+
+
+@dataclass
+class TaskHeads(_Reference):
+    """Independent per-task ridge heads around a shared centre (iMAML-like), a batched problem.
+
+    Task ``t`` has ``g_t(w_t, x) = ‖A_t w_t − b_t‖²/2n + λ/2 ‖w_t − x‖²`` and
+    ``f_t(w_t) = ‖C_t w_t − e_t‖²/2n``; ``inner_loss``/``outer_loss`` are the sums over the tasks of
+    a batch ``{"index": task ids}``, whose heads are the rows of ``w`` in that order (the batched
+    convention, :mod:`bilevel_dist.oracles`). With ``M_t = A_tᵀA_t/n + λI``:
+    ``w_t* = M_t⁻¹ (A_tᵀb_t/n + λx)`` and ``∇F(x) = Σ_t λ M_t⁻¹ C_tᵀ(C_t w_t* − e_t)/n``.
+    """
+
+    a: Tensor
+    b: Tensor
+    c: Tensor
+    e: Tensor
+    lam: float
+
+    @classmethod
+    def make(
+        cls, tasks: int = 64, dim: int = 5, samples: int = 8, lam: float = 0.5, seed: int = 0, dtype=torch.float64
+    ) -> TaskHeads:
+        """Gaussian task data; spectra of the ``M_t`` differ, so per-problem solves differ."""
+        gen = torch.Generator().manual_seed(seed)
+        scale = torch.linspace(0.3, 1.0, tasks, dtype=dtype)[:, None, None]
+        a = torch.randn(tasks, samples, dim, generator=gen, dtype=dtype) * scale
+        c = torch.randn(tasks, samples, dim, generator=gen, dtype=dtype)
+        b, e = (torch.randn(tasks, samples, generator=gen, dtype=dtype) for _ in range(2))
+        return cls(a, b, c, e, lam)
+
+    @property
+    def problem(self) -> BilevelProblem:
+        """The batched :class:`BilevelProblem`."""
+        return BilevelProblem(self.inner_loss, self.outer_loss, batched=True)
+
+    def _ids(self, batch: object) -> slice | Tensor:
+        return _index(batch)
+
+    def inner_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        t, heads = self._ids(batch), inner["w"]
+        fit = torch.einsum("tnd,td->tn", self.a[t], heads) - self.b[t]
+        n = self.a.shape[1]
+        return (fit.pow(2).sum(1) / (2 * n) + 0.5 * self.lam * (heads - outer["x"]).pow(2).sum(1)).sum()
+
+    def outer_loss(self, inner: Tree, outer: Tree, batch: object = None) -> Tensor:
+        t, heads = self._ids(batch), inner["w"]
+        fit = torch.einsum("tnd,td->tn", self.c[t], heads) - self.e[t]
+        return (fit.pow(2).sum(1) / (2 * self.a.shape[1])).sum()
+
+    @property
+    def tasks(self) -> int:
+        """Number of tasks."""
+        return self.a.shape[0]
+
+    def outer_init(self) -> Tree:
+        """``x = 0``."""
+        return {"x": torch.zeros(self.a.shape[2], dtype=self.a.dtype)}
+
+    def inner_init(self, tasks: int | None = None) -> Tree:
+        """Every head at 0."""
+        return {"w": torch.zeros(tasks or self.tasks, self.a.shape[2], dtype=self.a.dtype)}
+
+    def _systems(self) -> Tensor:
+        n, dim = self.a.shape[1], self.a.shape[2]
+        eye = torch.eye(dim, dtype=self.a.dtype)
+        return self.a.transpose(1, 2) @ self.a / n + self.lam * eye
+
+    def solution(self, outer: Tree) -> Tree:
+        """Every ``w_t*(x)`` in closed form."""
+        n = self.a.shape[1]
+        rhs = torch.einsum("tnd,tn->td", self.a, self.b) / n + self.lam * outer["x"]
+        return {"w": torch.linalg.solve(self._systems(), rhs)}
+
+    def hypergradient(self, outer: Tree) -> Tree:
+        """``∇F(x)`` in closed form."""
+        w = self.solution(outer)["w"]
+        n = self.a.shape[1]
+        grad_w = torch.einsum("tnd,tn->td", self.c, torch.einsum("tnd,td->tn", self.c, w) - self.e) / n
+        return {"x": self.lam * torch.linalg.solve(self._systems(), grad_w).sum(0)}

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from bilevel_dist import tree
 from bilevel_dist._checks import optional_tol, positive_float, positive_int, unit_interval
-from bilevel_dist.linalg import loss_grad
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.tree import Tree
 
-State = dict[str, Tree]
+SolverState = dict[str, Tree]
 
 
 class Solver:
@@ -32,11 +32,11 @@ class Solver:
     steps: int
     tol: float | None
 
-    def init(self, inner: Tree) -> State:
+    def init(self, inner: Tree) -> SolverState:
         """The optimiser state at the start of a solve."""
         return {}
 
-    def update(self, inner: Tree, state: State, grad: Tree, t: int) -> tuple[Tree, State]:
+    def update(self, inner: Tree, state: SolverState, grad: Tree, t: int) -> tuple[Tree, SolverState]:
         """One step from ``inner`` given the inner gradient; ``t`` counts from 0."""
         raise NotImplementedError
 
@@ -53,7 +53,7 @@ class GD(Solver):
         self.steps = positive_int("steps", steps, allow_zero=True)
         self.tol = optional_tol("tol", tol)
 
-    def update(self, inner: Tree, state: State, grad: Tree, t: int) -> tuple[Tree, State]:
+    def update(self, inner: Tree, state: SolverState, grad: Tree, t: int) -> tuple[Tree, SolverState]:
         return tree.axpy(-self.lr, grad, inner), state
 
 
@@ -70,10 +70,10 @@ class Momentum(Solver):
         self.nesterov = bool(nesterov)
         self.tol = optional_tol("tol", tol)
 
-    def init(self, inner: Tree) -> State:
+    def init(self, inner: Tree) -> SolverState:
         return {"buffer": tree.zeros_like(inner)}
 
-    def update(self, inner: Tree, state: State, grad: Tree, t: int) -> tuple[Tree, State]:
+    def update(self, inner: Tree, state: SolverState, grad: Tree, t: int) -> tuple[Tree, SolverState]:
         buffer = tree.axpy(self.momentum, state["buffer"], grad)
         direction = tree.axpy(self.momentum, buffer, grad) if self.nesterov else buffer
         return tree.axpy(-self.lr, direction, inner), {"buffer": buffer}
@@ -98,10 +98,10 @@ class Adam(Solver):
         self.eps = positive_float("eps", eps)
         self.tol = optional_tol("tol", tol)
 
-    def init(self, inner: Tree) -> State:
+    def init(self, inner: Tree) -> SolverState:
         return {"m": tree.zeros_like(inner), "v": tree.zeros_like(inner)}
 
-    def update(self, inner: Tree, state: State, grad: Tree, t: int) -> tuple[Tree, State]:
+    def update(self, inner: Tree, state: SolverState, grad: Tree, t: int) -> tuple[Tree, SolverState]:
         b1, b2 = self.betas
         m = {k: b1 * state["m"][k] + (1 - b1) * g for k, g in grad.items()}
         v = {k: b2 * state["v"][k] + (1 - b2) * g * g for k, g in grad.items()}
@@ -110,93 +110,125 @@ class Adam(Solver):
         return new, {"m": m, "v": v}
 
 
+class PerStep(list):
+    """Inner batches for a solve, one per step: step ``t`` uses batch ``t mod len`` (stocBiO and
+    AmIGO draw a fresh batch per inner step) and what follows the solve (products, the
+    linearisation) uses the last. A plain list or tuple is one batch, as a DataLoader yields it."""
+
+
+def batch_at(batch: Any, t: int) -> Any:
+    """The batch of step ``t``."""
+    return batch[t % len(batch)] if isinstance(batch, PerStep) else batch
+
+
+def last_batch(batch: Any) -> Any:
+    """The batch of the computations after a solve."""
+    return batch[-1] if isinstance(batch, PerStep) else batch
+
+
 def masked_step(
     solver: Solver,
-    problem: BilevelProblem,
+    oracles: Oracles,
     inner: Tree,
-    state: State,
+    state: SolverState,
     outer: Tree,
     batch: Any,
     active: Tensor | None,
     t: int,
     grad: Tree | None = None,
-) -> tuple[Tree, State]:
+) -> tuple[Tree, SolverState]:
     """One solver step; problems whose ``active`` flag is off keep their variables."""
     if grad is None:
-        grad = loss_grad(problem.inner_loss, inner, outer, batch)
+        grad = oracles.inner_grad(inner, outer, batch_at(batch, t))
     new, new_state = solver.update(inner, state, grad, t)
     if active is None:
         return new, new_state
-    batched = problem.batched
+    batched = oracles.batched
     new = tree.where(active, new, inner, batched)
     new_state = {name: tree.where(active, s, state[name], batched) for name, s in new_state.items()}
     return new, new_state
 
 
-Advance = Callable[[Tree, State, Tree, "Tensor | None", int], tuple[Tree, State]]
+Advance = Callable[[Tree, SolverState, Tree, "Tensor | None", int], tuple[Tree, SolverState]]
 
 
 @dataclass
 class Run:
-    """The end of a solver run: the inner variables reached, steps taken and gradient norm there
-    (per problem when batched), and the last ``keep_last`` steps for replay with a graph."""
+    """The end of a solver run: the inner variables reached, steps taken (per problem when
+    batched), the last inner gradient evaluated, and the last ``keep_last`` steps for replay
+    with a graph.
+
+    That gradient is at the point reached when the run stopped on its tolerance or was asked for
+    ``final_grad``; otherwise it is the one the last step took (no oracle runs only for a metric).
+    """
 
     inner: Tree
     steps: Tensor
-    grad_norm: Tensor
-    window: list[tuple[Tree, State, Tensor | None, int]] = field(default_factory=list)
+    last_grad: Tree
+    oracles: Oracles
+    window: list[tuple[Tree, SolverState, Tensor | None, int]] = field(default_factory=list)
+
+    @property
+    def grad_norm(self) -> Tensor:
+        """``‖last_grad‖`` (per problem when batched), computed when asked."""
+        return self.oracles.norm(self.last_grad)
 
 
 def run(
     solver: Solver,
-    problem: BilevelProblem,
+    problem: BilevelProblem | Oracles,
     inner: Tree,
     outer: Tree,
     batch: Any,
     *,
     keep_last: int = 0,
     advance: Advance | None = None,
+    final_grad: bool = False,
 ) -> Run:
     """Runs ``solver.steps`` steps, each problem stopping once its gradient norm is ``≤ tol``.
 
+    ``problem`` may be the problem's :class:`~bilevel_dist.oracles.Oracles` (its ``Comm`` and
+    reduction policy, its call counts). ``batch`` may be :class:`PerStep`.
     ``advance(inner, state, grad, active, t)`` replaces the plain step (forward mode carries
-    tangents through it). The gradient at the returned point is evaluated once more for the
-    reported norm.
+    tangents through it). Under a shared policy the gradient norms are global, so every rank stops
+    at the same step; under an independent one nothing here communicates.
     """
-    batched = problem.batched
+    oracles = Oracles.of(problem)
+    batched = oracles.batched
     state = solver.init(inner)
     ref = next(iter(inner.values()))
     shape = (ref.shape[0],) if batched else ()
     done = torch.zeros(shape, dtype=torch.bool, device=ref.device)
     steps = torch.zeros(shape, dtype=torch.long, device=ref.device)
     window: deque = deque(maxlen=keep_last or None)
-    grad = None
+    grad, stopped = None, False
     for t in range(solver.steps):
-        grad = loss_grad(problem.inner_loss, inner, outer, batch)
+        grad = oracles.inner_grad(inner, outer, batch_at(batch, t))
         active = None
         if solver.tol is not None:
-            done = done | (tree.norm(tree.detach(grad), batched) <= solver.tol)
+            done = done | (oracles.norm(tree.detach(grad)) <= solver.tol)
             if bool(done.all()):
+                stopped = True
                 break
             active = ~done
         if keep_last:
             window.append((tree.detach(inner), {k: tree.detach(s) for k, s in state.items()}, active, t))
         if advance is None:
-            inner, state = masked_step(solver, problem, inner, state, outer, batch, active, t, grad)
+            inner, state = masked_step(solver, oracles, inner, state, outer, batch, active, t, grad)
         else:
             inner, state = advance(inner, state, grad, active, t)
         steps = steps + (1 if active is None else active.long())
-        grad = None
-    if grad is None:
-        grad = loss_grad(problem.inner_loss, tree.detach(inner), tree.detach(outer), batch)
-    return Run(inner, steps, tree.norm(tree.detach(grad), batched), list(window) if keep_last else [])
+    if grad is None or (final_grad and not stopped):
+        grad = oracles.inner_grad(tree.detach(inner), tree.detach(outer), last_batch(batch))
+    return Run(inner, steps, tree.detach(grad), oracles, list(window) if keep_last else [])
 
 
-def replay(solver: Solver, problem: BilevelProblem, end: Run, outer: Tree, batch: Any) -> Tree:
+def replay(solver: Solver, problem: BilevelProblem | Oracles, end: Run, outer: Tree, batch: Any) -> Tree:
     """Recomputes the steps kept in ``end.window`` so that autograd sees only them."""
     if not end.window:
         return end.inner
+    oracles = Oracles.of(problem)
     inner, state = end.window[0][0], end.window[0][1]
     for _, _, active, t in end.window:
-        inner, state = masked_step(solver, problem, inner, state, outer, batch, active, t)
+        inner, state = masked_step(solver, oracles, inner, state, outer, batch, active, t)
     return inner

@@ -30,7 +30,7 @@ SETTINGS = {
     "sustain": ({**SINGLE, "neumann_terms": 30}, 300),
     "f2sa": ({"inner_lr": 1.0, "outer_lr": 0.05, "lam_growth": 1.0, "inner_steps": 3}, 300),
     "penalty": ({"inner_lr": 0.2, "outer_lr": 0.1, "lr_decay": 1.1}, 2500),
-    "bome": ({"inner_lr": 1.0, "outer_lr": 0.3, "outer_decay": 0.5}, 2000),
+    "bome": ({"inner_lr": 1.0, "outer_lr": 0.3, "outer_decay": 0.5}, 2400),
     # The paper's single random truncation has a variance that stalls any fixed budget at ~1e-2;
     # averaging 256 draws (one shared product chain) and a t^-0.3 outer step gets below 1e-3.
     "bsa": ({**FAST, "neumann_terms": 20, "truncation_samples": 256, "outer_decay": 0.3}, 1200),

@@ -10,10 +10,20 @@ import torch.multiprocessing as mp
 from bilevel_dist import algorithms
 from bilevel_dist.distributed import Comm, shard_rows
 from bilevel_dist.problem import BilevelProblem
-from bilevel_dist.problems import FiniteSumQuadratic
+from bilevel_dist.problems import FiniteSumQuadratic, TaskHeads
 
 NAMES = ["aid", "soba", "penalty", "itd"]
 TASK_NAMES = ["aid", "soba", "itd", "bome"]
+# independent lower levels (batched=True): every algorithm family, each rank its own 32 of 64 heads
+BATCHED = {
+    "aid": {"inner_steps": 6, "linear_iters": 4},
+    "itd": {"inner_steps": 6},
+    "hoag": {"inner_steps": 30, "tol": 1e-6, "linear_iters": 4},
+    "soba": {},
+    "penalty": {"inner_steps": 2},
+    "bome": {"inner_steps": 3},
+}
+COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all", "barrier", "reduce")
 
 
 def task_problem(tasks: int = 8, dim: int = 5, samples: int = 6) -> tuple[BilevelProblem, dict]:
@@ -52,6 +62,46 @@ def run_tasks(name: str, comm: Comm, rank: int, world: int) -> torch.Tensor:
     return torch.cat([state["outer"]["x"], full.flatten(), torch.tensor([metrics["hypergrad_norm"]])])
 
 
+class CountCollectives:
+    """Counts every ``torch.distributed`` collective issued while active."""
+
+    def __enter__(self):
+        self.count, self.saved = 0, {name: getattr(dist, name) for name in COLLECTIVES}
+
+        def counted(fn):
+            def call(*args, **kwargs):
+                self.count += 1
+                return fn(*args, **kwargs)
+
+            return call
+
+        for name, fn in self.saved.items():
+            setattr(dist, name, counted(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
+def run_batched(name: str, comm: Comm, rank: int, world: int) -> tuple[torch.Tensor, list[int]]:
+    """3 steps of ``name`` on this rank's heads of 64 independent problems; returns the outer
+    variables, the gathered heads and the collectives issued inside each step."""
+    heads = TaskHeads.make(tasks=64)
+    ids = shard_rows(heads.tasks, rank, world)
+    batch = {"index": ids}
+    hparams = {"inner_lr": 0.2, "outer_lr": 0.01, **BATCHED[name]}
+    algorithm = algorithms.get(name, problem=heads.problem, comm=comm, **hparams)
+    state = algorithm.init(heads.outer_init(), {"w": heads.inner_init()["w"][ids]})
+    counts = []
+    for _ in range(3):
+        with CountCollectives() as counter:
+            state, _ = algorithm.step(state, batch, batch)
+        counts.append(counter.count)
+    full = comm.gather_rows(state["inner"]["w"], heads.tasks)
+    return torch.cat([state["outer"]["x"], full.flatten()]), counts
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,17 +126,25 @@ def worker(rank: int, world: int, port: int, path: str) -> None:
             results[name] = torch.cat([state["outer"]["x"], state["inner"]["z"]])
         for name in TASK_NAMES:  # each rank solves only its own tasks' heads, all at once
             results[f"tasks_{name}"] = run_tasks(name, Comm(sharded=("w",)), rank, world)
+        for name in BATCHED:
+            values, counts = run_batched(name, Comm(sharded=("w",)), rank, world)
+            results[f"batched_{name}"], results[f"collectives_{name}"] = values, torch.tensor(counts)
         torch.save(results, f"{path}.{rank}")
         dist.barrier()  # neither rank tears gloo down while the other may still be reading
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_ranks_match_one_full_batch_process(tmp_path):
-    path = str(tmp_path / "result")
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of two gloo ranks computed (one spawn for every test here)."""
+    path = str(tmp_path_factory.mktemp("ranks") / "result")
     mp.spawn(worker, args=(2, free_port(), path), nprocs=2, join=True)
-    ranks = [torch.load(f"{path}.{rank}", weights_only=True) for rank in range(2)]
+    return [torch.load(f"{path}.{rank}", weights_only=True) for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_full_batch_process(ranks):
     assert float(ranks[0]["mean"]) == 0.5 and float(ranks[1]["mean"]) == 0.5
     quadratic = FiniteSumQuadratic.make()
     full = {"index": torch.arange(64)}
@@ -103,3 +161,20 @@ def test_two_ranks_match_one_full_batch_process(tmp_path):
         key = f"tasks_{name}"
         assert torch.equal(ranks[0][key], ranks[1][key]), name
         assert torch.allclose(ranks[0][key], single, atol=1e-12, rtol=0), (name, (ranks[0][key] - single).abs().max())
+
+
+# Collectives per step on independent lower levels: one reduction of the outer gradient; the
+# first-order methods' steps also need global scalars (BOME's λ: two, Penalty's schedule test: one).
+STEP_COLLECTIVES = {"aid": 1, "itd": 1, "hoag": 1, "soba": 1, "penalty": 2, "bome": 4}
+
+
+@pytest.mark.slow
+def test_batched_lower_levels_on_two_ranks_equal_one_rank_with_no_collective_inside(ranks):
+    for name in BATCHED:
+        single, _ = run_batched(name, Comm(), 0, 1)
+        key = f"batched_{name}"
+        assert torch.equal(ranks[0][key][:5], ranks[1][key][:5]), name  # the same outer variables
+        diff = float((ranks[0][key] - single).abs().max())
+        assert diff < 1e-10, (name, diff)
+        for rank in ranks:
+            assert rank[f"collectives_{name}"].tolist() == [STEP_COLLECTIVES[name]] * 3, name

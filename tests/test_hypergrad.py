@@ -136,7 +136,7 @@ def test_finite_diff_converges_quadratically_in_eps():
 
 def test_penalty_error_is_order_one_over_gamma(ridge):
     gammas = [1e2, 1e3, 1e4]
-    errors = [rel_err(ridge_solve(ridge, hg.Penalty(gamma=g)).grad, ridge[2]) for g in gammas]
+    errors = [rel_err(ridge_solve(ridge, hg.PenaltyGradient(gamma=g)).grad, ridge[2]) for g in gammas]
     slope = (math.log(errors[-1]) - math.log(errors[0])) / (math.log(gammas[-1]) - math.log(gammas[0]))
     assert slope == pytest.approx(-1.0, abs=0.1), errors
     assert errors[-1] < 1e-2
@@ -252,6 +252,7 @@ def test_every_estimator_reachable_by_name_and_accurate(ridge, name):
     options = {
         "truncated": {"k": 2000},
         "neumann": {"iters": 3000},
+        "gradient_descent": {"iters": 3000},
         "fixed_point": {"iters": 3000},
         "penalty": {"gamma": 1e6},
     }

@@ -339,3 +339,71 @@ def test_data_follows_the_model_sharding_and_refuses_a_contradiction():
     assert replicated.per_sample is False
     with pytest.raises(ValueError, match="per_sample=False but the model shards per-sample variables"):
         trainer(max_steps=1).fit(Denoising(algorithm={"name": "soba"}), DigitsData(per_sample=False))
+
+
+import tasks_fit  # noqa: E402
+
+
+@pytest.mark.slow
+def test_batched_lower_levels_on_two_processes_equal_one(tmp_path):
+    """64 per-task heads: persistent rows sharded across 2 DDP ranks, or started afresh every step,
+    replay the 1-process run (shards=2) to rounding; the outer batch holds the inner batch's tasks."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "tasks_fit.py"), str(tmp_path), "2"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = {}
+    for name in tasks_fit.RUNS:
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)]
+        one = tasks_fit.fit(name, devices=1)
+        assert len(ranks[0]) == len(one) == tasks_fit.STEPS
+        worst[name] = 0.0
+        for r0, r1, single in zip(*ranks, one, strict=True):
+            for key, value in r0.items():
+                assert torch.equal(value, r1[key]), (name, key)
+                worst[name] = max(worst[name], float((value - single[key]).abs().max()))
+        assert float((one[-1]["x"] - one[0]["x"]).abs().max()) > 1e-4, name  # x moved
+    print("max |2 processes - 1 process|", worst)
+    assert all(diff < 1e-10 for diff in worst.values()), worst
+
+
+def test_batched_data_pairs_each_task_with_its_own_outer_batch():
+    data = tasks_fit.TaskData(inner_batch_size=8, shards=2, per_sample=True, lower_level="batched")
+    steps = data.paired_steps()
+    for t in (0, 3, 5):
+        batch = steps[t]
+        assert torch.equal(batch["inner"]["index"], batch["outer"]["index"])
+        assert torch.equal(batch["outer"]["c"], data.heads.c[batch["outer"]["index"]])
+
+
+def test_episodic_lower_levels_are_not_checkpointed_and_resume_bitwise(tmp_path):
+    spec, _ = tasks_fit.RUNS["amigo_episodic"]
+    whole = tasks_fit.Tasks(spec, episodic=True)
+    tasks_fit.trainer(1, steps=6).fit(whole, tasks_fit.TaskData(inner_batch_size=8))
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    first = tasks_fit.trainer(1, steps=3, callbacks=[checkpoint], root=str(tmp_path))
+    first.fit(tasks_fit.Tasks(spec, episodic=True), tasks_fit.TaskData(inner_batch_size=8))
+    path = next(tmp_path.glob("*step=3.ckpt"))
+    saved = torch.load(path, weights_only=True)["bilevel"]
+    assert saved["inner"] == {} and "v" not in saved["buffers"]  # this step's heads and AmIGO's v live for one step
+    resumed = tasks_fit.Tasks(spec, episodic=True)
+    tasks_fit.trainer(1, steps=6).fit(resumed, tasks_fit.TaskData(inner_batch_size=8), ckpt_path=str(path))
+    assert torch.equal(resumed.state["outer"]["x"], whole.state["outer"]["x"])
+    assert resumed.state["t"] == whole.state["t"] == 6
+
+
+def test_an_algorithm_with_trajectory_memory_rejects_an_inner_init():
+    with pytest.raises(ValueError, match="mrbo needs persistent inner variables"):
+        tasks_fit.Tasks({"name": "mrbo"}, episodic=True)
+
+
+def test_full_pass_comes_in_chunks_covering_every_sample_once():
+    data = DigitsData(inner_batch_size=16, outer_batch_size=10, per_sample=False, chunk_size=100)
+    chunks = data.full_pass("inner")
+    ids = torch.cat([batch["index"] for batch, _ in chunks])
+    assert torch.equal(ids, torch.arange(data.n_train)) and len(chunks) == -(-data.n_train // 100)
+    assert all(len(batch["index"]) <= 100 for batch, _ in chunks)
+    assert abs(sum(weight for _, weight in chunks) - 1) < 1e-12
+    counts = data.algorithm_data({"n_inner": 1, "n_outer": 1})
+    assert counts == {"n_inner": data.n_train, "n_outer": len(data.splits[1])}

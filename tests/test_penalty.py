@@ -53,7 +53,11 @@ GAMMAS = [0.1, 1.0, 10.0, 100.0, 1e3, 1e4]
 def test_t1_lemma3_penalty_gradient_is_implicit_formula_at_penalty_point(gamma):
     problem, mats, outer = lemma_problem()
     solution = bd.solve(
-        problem, outer, {"v": torch.zeros(6)}, solver=solvers.GD(0.2, 300), hypergrad=hypergrad.Penalty(gamma=gamma)
+        problem,
+        outer,
+        {"v": torch.zeros(6)},
+        solver=solvers.GD(0.2, 300),
+        hypergrad=hypergrad.PenaltyGradient(gamma=gamma),
     )
     expected = implicit_formula(mats, outer["u"], penalty_point(mats, outer["u"], gamma))
     assert float((solution.grad["u"] - expected).abs().max()) < 1e-9 * max(1.0, float(expected.abs().max()))
@@ -66,7 +70,11 @@ def test_t2_asymptotic_exactness_order_one_over_gamma():
     errors, distances = [], []
     for gamma in GAMMAS:
         grad = bd.solve(
-            problem, outer, {"v": torch.zeros(6)}, solver=solvers.GD(0.2, 300), hypergrad=hypergrad.Penalty(gamma=gamma)
+            problem,
+            outer,
+            {"v": torch.zeros(6)},
+            solver=solvers.GD(0.2, 300),
+            hypergrad=hypergrad.PenaltyGradient(gamma=gamma),
         ).grad["u"]
         errors.append(float((grad - truth).abs().max()))
         distances.append(float((penalty_point(mats, outer["u"], gamma) - v_star).norm()))

@@ -112,7 +112,7 @@ def test_unknown_estimator_name():
         (lambda: hg.Truncated(k=-3), "k must be > 0, got -3"),
         (lambda: hg.CG(iters=-1), "iters must be > 0, got -1"),
         (lambda: hg.Neumann(iters=0), "iters must be > 0, got 0"),
-        (lambda: hg.Penalty(gamma=0.0), "gamma must be a finite number > 0"),
+        (lambda: hg.PenaltyGradient(gamma=0.0), "gamma must be a finite number > 0"),
         (lambda: hg.FiniteDiff(eps=float("inf")), "eps must be a finite number > 0"),
     ],
 )

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.algorithms.base import Algorithm, Metrics, Oracles, State
-from bilevel_dist.algorithms.double_loop import AID, BSA, HOAG, ITD, AmIGO, PerStep, StocBiO
+from bilevel_dist.algorithms.base import Algorithm, Metrics, State
+from bilevel_dist.algorithms.double_loop import AID, BSA, HOAG, ITD, AmIGO, StocBiO
 from bilevel_dist.algorithms.first_order import BOME, F2SA, Penalty
 from bilevel_dist.algorithms.single_loop import FSLA, MRBO, SOBA, SUSTAIN, TTSA
 from bilevel_dist.algorithms.variance_reduced import SABA, SRBA, VRBO
 from bilevel_dist.problem import BilevelProblem
+from bilevel_dist.solvers import PerStep
 
 REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls
@@ -49,4 +50,4 @@ def get(name: str, *, problem: BilevelProblem, **hparams: Any) -> Algorithm:
     return REGISTRY[name](problem, **hparams)
 
 
-__all__ = ["REGISTRY", "Algorithm", "Metrics", "Oracles", "PerStep", "State", "get"]
+__all__ = ["REGISTRY", "Algorithm", "Metrics", "PerStep", "State", "get"]

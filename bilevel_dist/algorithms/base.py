@@ -2,7 +2,10 @@
 
 ``state`` is a flat-ish dict of trees, tensors and numbers that ``torch.save`` /
 ``torch.load(weights_only=True)`` round-trips, so that a resumed run continues bit for bit.
-Every oracle result computed from a rank's batch goes through the algorithm's ``Comm``.
+Every oracle goes through the algorithm's :class:`~bilevel_dist.oracles.Oracles`: the problem's
+reduction policy over the algorithm's ``Comm``, and a count per kind that each algorithm's
+docstring states as its ``Cost`` per step (tested). Metrics are :class:`Metrics`: norms are
+computed only when a logger reads them.
 """
 
 from __future__ import annotations
@@ -10,18 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from torch import Tensor
-from torch.func import vmap
-
 from bilevel_dist import tree
 from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting, unit_interval
 from bilevel_dist.distributed import Comm
-from bilevel_dist.linalg import Linearization, linearize, loss_grad, loss_grads
+from bilevel_dist.metrics import Metrics
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.tree import Tree
 
 State = dict[str, Any]
-Metrics = dict[str, float]
 Check = Callable[[str, Any], Any]
 
 
@@ -66,55 +66,20 @@ def decayed(base: float, t: int, exponent: float) -> float:
     return base / (t + 1) ** exponent
 
 
-class Oracles:
-    """First- and second-order oracles of a problem on one batch, each reduced across ranks."""
-
-    def __init__(self, problem: BilevelProblem, comm: Comm) -> None:
-        self.problem = problem
-        self.comm = comm
-
-    def inner_grad(self, w: Tree, x: Tree, batch: Any) -> Tree:
-        """``∇_w g`` averaged over ranks."""
-        return self.comm.mean(loss_grad(self.problem.inner_loss, w, x, batch))
-
-    def inner_grads(self, w: Tree, x: Tree, batch: Any) -> tuple[Tree, Tree]:
-        """``(∇_w g, ∇_x g)`` averaged over ranks."""
-        gw, gx = loss_grads(self.problem.inner_loss, w, x, batch)
-        return self.comm.mean(gw), self.comm.mean(gx)
-
-    def outer_grads(self, w: Tree, x: Tree, batch: Any) -> tuple[Tree, Tree]:
-        """``(∇_w f, ∇_x f)`` averaged over ranks."""
-        gw, gx = loss_grads(self.problem.outer_loss, w, x, batch)
-        return self.comm.mean(gw), self.comm.mean(gx)
-
-    def linearize(self, w: Tree, x: Tree, batch: Any) -> Linearization:
-        """The inner gradient and its second-order products, every output averaged over ranks."""
-        lin = linearize(self.problem.inner_loss, w, x, batch)
-        comm = self.comm
-
-        def products(v: Tree) -> tuple[Tree, Tree]:
-            hv, jv = lin.both(v)
-            return comm.mean(hv), comm.mean(jv)
-
-        return Linearization(comm.mean(lin.grad), products)
-
-    def hypergrad_pieces(self, w: Tree, v: Tree, x: Tree, inner_batch: Any, outer_batch: Any) -> tuple[Tree, ...]:
-        """At ``(w, v, x)``: ``∇_w g``, ``H v``, ``J v``, ``∇_w f``, ``∇_x f`` — one of each oracle."""
-        lin = self.linearize(w, x, inner_batch)
-        hv, jv = lin.both(v)
-        fw, fx = self.outer_grads(w, x, outer_batch)
-        return lin.grad, hv, jv, fw, fx
-
-    def per_sample(self, fn: Callable[[Any], Tree], batch: dict[str, Tensor]) -> Tree:
-        """``fn`` on every sample of a dict batch at once (vmapped), stacked on a leading axis."""
-        return vmap(lambda one: fn({k: v.unsqueeze(0) for k, v in one.items()}))(batch)
-
-
 class Algorithm:
     """A stateful bilevel outer loop. Subclasses declare ``hparams``: name -> (default, check)."""
 
     name: ClassVar[str] = ""
     hparams: ClassVar[dict[str, tuple[Any, Check]]] = {}
+    #: what the algorithm takes from the data before its first step, by keyword, with the
+    #: stand-in that checks the other settings before the data exists: ``n_inner``/``n_outer``
+    #: (sample counts) and ``full_batches`` (one :class:`~bilevel_dist.oracles.Chunks` per level)
+    data_needs: ClassVar[dict[str, Any]] = {}
+    #: state entries that belong to one lower-level problem instance: reset, not kept, when a
+    #: lower level starts afresh every step (:meth:`restart`)
+    inner_keys: ClassVar[tuple[str, ...]] = ("inner",)
+    #: whether the method's state survives a new lower level every step (no trajectory memory)
+    episodic: ClassVar[bool] = True
 
     def __init__(self, problem: BilevelProblem, comm: Comm | None = None, **hparams: Any) -> None:
         if not isinstance(problem, BilevelProblem):
@@ -140,12 +105,29 @@ class Algorithm:
         return {"outer": _copy(outer), "inner": _copy(inner), "t": 0}
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
-        """One outer iteration; returns the new state and metrics (floats)."""
+        """One outer iteration; returns the new state and its metrics."""
         raise NotImplementedError
 
-    def norm(self, t: Tree) -> float:
-        """The Euclidean norm of a (possibly sharded) tree, as a float for metrics."""
-        return float(self.comm.norm(t))
+    def restart(self, state: State, inner: Tree) -> State:
+        """``state`` with a new lower level ``inner`` (e.g. this step's tasks): the
+        :attr:`inner_keys` start afresh, the outer variables and schedules go on."""
+        if not self.episodic:
+            raise ConfigError(
+                "algorithm.name",
+                f"{self.name} keeps a trajectory of one lower level: it needs persistent inner variables",
+            )
+        fresh = self.init(state["outer"], inner)
+        return {**state, **{k: fresh[k] for k in self.inner_keys}}
+
+    def cost(self, t: int) -> dict[str, int]:
+        """Oracle calls of step ``t`` by kind (:class:`~bilevel_dist.oracles.Oracles`), tolerances off."""
+        raise NotImplementedError
+
+    def norm(self, t: Tree) -> Callable[[], float]:
+        """The Euclidean norm of a (possibly sharded) tree, for metrics: computed when read
+        (then a collective where leaves are sharded, on every rank at once)."""
+        comm = self.comm
+        return lambda: float(comm.norm(t))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.h.items())})"
@@ -161,7 +143,7 @@ def descend(x: Tree, direction: Tree, step: float) -> Tree:
 
 
 def hypergradient(fx: Tree, jv: Tree) -> Tree:
-    """``∇_x f − ∇²_xw g · v`` with ``v ≈ H⁻¹ ∇_w f``."""
+    """``∇_x f − ∇²_xw g · v`` with ``v ≈ H⁻¹ ∇_w f`` (local pieces: reduce the result once)."""
     return tree.sub(fx, jv)
 
 
@@ -170,4 +152,4 @@ def zeros(t: Tree) -> Tree:
     return tree.zeros_like(t)
 
 
-__all__ = ["Algorithm", "Metrics", "Oracles", "State"]
+__all__ = ["Algorithm", "Metrics", "State"]

@@ -2,9 +2,11 @@
 
 AID (Ghadimi & Wang 2018; Ji et al. 2021), stocBiO (Ji et al. 2021), AmIGO (Arbel & Mairal 2022),
 BSA (Ghadimi & Wang 2018), HOAG (Pedregosa 2016; Crockett & Fessler Alg. 1), ITD (Ji et al. 2021).
-The inner variables are warm-started from the previous iteration. ``inner_batch`` may be one
-batch or ``PerStep([b0, b1, ...])``: inner step ``k`` then uses batch ``k mod len`` (stocBiO and AmIGO draw a
-fresh batch per inner step) and the second-order products use the last.
+Each step is one hypergradient estimator of :mod:`bilevel_dist.hypergrad` on a gradient-descent
+:mod:`~bilevel_dist.solvers` run, warm-started from the previous iteration's inner variables.
+``inner_batch`` may be one batch or ``PerStep([b0, b1, ...])``: inner step ``k`` then uses batch
+``k mod len`` (stocBiO and AmIGO draw a fresh batch per inner step) and the second-order products
+use the last.
 """
 
 from __future__ import annotations
@@ -12,56 +14,57 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import grad
 
-from bilevel_dist import tree
-from bilevel_dist.algorithms.base import (
-    Algorithm,
-    Metrics,
-    State,
-    choice,
-    count,
-    decayed,
-    descend,
-    fraction,
-    hypergradient,
-    lr,
-    zeros,
-)
-from bilevel_dist.linalg import cg, neumann
+from bilevel_dist import hypergrad
+from bilevel_dist.algorithms.base import Algorithm, State, choice, count, decayed, descend, fraction, lr
+from bilevel_dist.hypergrad.base import Estimator, Solution
+from bilevel_dist.metrics import Metrics
+from bilevel_dist.solvers import GD
 from bilevel_dist.tree import Tree
 
 
-class PerStep(list):
-    """Inner batches for a double-loop step, one per inner step (a plain list or tuple is taken
-    as one batch, as a DataLoader yields them)."""
-
-
-def batches(inner_batch: Any) -> list:
-    """``inner_batch`` as the list of batches its inner steps cycle through."""
-    return list(inner_batch) if isinstance(inner_batch, PerStep) else [inner_batch]
-
-
 class DoubleLoop(Algorithm):
-    """Shared inner loop: ``inner_steps`` gradient steps on ``g`` from the previous solution."""
+    """Inner GD (``inner_steps`` at ``inner_lr``, optionally to a tolerance) and a hypergradient
+    estimator, then ``x ← x − β_t d``."""
 
-    def inner_solve(self, w: Tree, x: Tree, batch: Any, steps: int, tol: float = 0.0) -> tuple[Tree, Tree, Any]:
-        """Returns the inner variables after the loop, the inner gradient there and the batch of
-        the last step, which the second-order products then use."""
-        cycle = batches(batch)
-        g = self.oracles.inner_grad(w, x, cycle[0])
-        for k in range(steps):
-            if tol and self.norm(g) <= tol:
-                break
-            w = descend(w, g, self.h["inner_lr"])
-            g = self.oracles.inner_grad(w, x, cycle[(k + 1) % len(cycle)] if k + 1 < steps else cycle[-1])
-        return w, g, cycle[-1]
+    def estimator(self, state: State) -> Estimator:
+        """This step's hypergradient estimator."""
+        raise NotImplementedError
 
-    def outer_update(self, state: State, d: Tree, inner: Tree, metrics: Metrics) -> tuple[State, Metrics]:
+    def solve(self, state: State, inner_batch: Any, outer_batch: Any, tol: float | None = None, **kw: Any) -> Solution:
+        solver = GD(self.h["inner_lr"], self.h["inner_steps"], tol)
+        estimator = self.estimator(state)
+        return estimator(self.oracles, state["outer"], state["inner"], solver, inner_batch, outer_batch, **kw)
+
+    def outer_update(self, state: State, solution: Solution, metrics: Metrics) -> tuple[State, Metrics]:
         t = state["t"]
         step = decayed(self.h["outer_lr"], t, self.h.get("outer_decay", 0.0) or 0.0)
-        state = {**state, "outer": descend(state["outer"], d, step), "inner": inner, "t": t + 1}
-        return state, {"hypergrad_norm": self.norm(d), "outer_lr": step, **metrics}
+        d = solution.grad
+        state = {**state, "outer": descend(state["outer"], d, step), "inner": solution.inner, "t": t + 1}
+        info = solution.info
+        metrics = (
+            Metrics(hypergrad_norm=self.norm(d), outer_lr=step, inner_grad_norm=lambda: info["inner_grad_norm"])
+            | metrics
+        )
+        if "linear_residual" in info:
+            metrics |= {"linear_residual": lambda: info["linear_residual"]}
+        return state, metrics
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        return self.outer_update(state, self.solve(state, inner_batch, outer_batch), Metrics())
+
+    def linear_cost(self) -> int:
+        """Hessian-vector products of the linear solve."""
+        raise NotImplementedError
+
+    def cost(self, t: int) -> dict[str, int]:
+        return {
+            "inner_grad": self.h["inner_steps"],
+            "linearize": 1,
+            "hvp": self.linear_cost(),
+            "mixed": 1,
+            "outer_grad": 1,
+        }
 
 
 _AID = {
@@ -77,38 +80,42 @@ _AID = {
 
 class AID(DoubleLoop):
     """Approximate implicit differentiation: inner GD, then ``H v = ∇_w f`` by CG or a Neumann
-    series (``linear_lr`` its step, default ``inner_lr``), then ``x ← x − β (∇_x f − J v)``."""
+    series (``linear_lr`` its step, default ``inner_lr``), then ``x ← x − β (∇_x f − J v)``.
+
+    Cost per step: ``inner_steps`` inner gradients, one linearisation, ``linear_iters`` (CG) or
+    ``linear_iters − 1`` (Neumann) Hessian-vector products, one mixed product, one outer gradient.
+    """
 
     name = "aid"
     hparams = _AID
 
-    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
-        x = state["outer"]
-        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
-        lin = self.oracles.linearize(w, x, last)
-        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
+    def estimator(self, state: State) -> Estimator:
         if self.h["linear_solver"] == "cg":
-            solved = cg(lin.hvp, fw, iters=self.h["linear_iters"], dot=self.comm.dot)
-        else:
-            alpha = self.h["linear_lr"] or self.h["inner_lr"]
-            solved = neumann(lin.hvp, fw, iters=self.h["linear_iters"], alpha=alpha)
-        d = hypergradient(fx, lin.mixed(solved.solution))
-        return self.outer_update(
-            state, d, w, {"inner_grad_norm": self.norm(g), "linear_residual": float(solved.residual)}
-        )
+            return hypergrad.CG(iters=self.h["linear_iters"], tol=0.0)
+        return hypergrad.Neumann(iters=self.h["linear_iters"], alpha=self.h["linear_lr"] or self.h["inner_lr"])
+
+    def linear_cost(self) -> int:
+        return self.h["linear_iters"] - (self.h["linear_solver"] == "neumann")
 
 
 class StocBiO(AID):
-    """stocBiO: AID with the Neumann ("SHIA") inverse on mini-batches (Ji et al. 2021, Alg. 2)."""
+    """stocBiO: AID with the Neumann ("SHIA") inverse on mini-batches (Ji et al. 2021, Alg. 2).
+    Cost as AID's with Neumann."""
 
     name = "stocbio"
     hparams = {**_AID, "linear_solver": ("neumann", choice("cg", "neumann"))}
 
 
 class AmIGO(DoubleLoop):
-    """AmIGO: warm-started inner GD and warm-started GD on ``½ vᵀHv − vᵀ∇_w f`` for ``v``."""
+    """AmIGO: warm-started inner GD and ``linear_iters`` warm-started GD steps on
+    ``½ vᵀHv − vᵀ∇_w f`` for ``v`` (kept in the state).
+
+    Cost per step: ``inner_steps`` inner gradients, one linearisation, ``linear_iters``
+    Hessian-vector products, one mixed product, one outer gradient.
+    """
 
     name = "amigo"
+    inner_keys = ("inner", "v")
     hparams = {
         "inner_lr": (0.1, lr),
         "inner_steps": (10, count),
@@ -119,28 +126,29 @@ class AmIGO(DoubleLoop):
     }
 
     def init(self, outer: Tree, inner: Tree) -> State:
-        return {**super().init(outer, inner), "v": zeros(inner)}
+        return {**super().init(outer, inner), "v": {k: v.detach().new_zeros(v.shape) for k, v in inner.items()}}
+
+    def estimator(self, state: State) -> Estimator:
+        return hypergrad.GradientDescent(iters=self.h["linear_iters"], alpha=self.h["linear_lr"] or self.h["inner_lr"])
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
-        x = state["outer"]
-        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
-        lin = self.oracles.linearize(w, x, last)
-        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
-        v, step = state["v"], self.h["linear_lr"] or self.h["inner_lr"]
-        for _ in range(self.h["linear_iters"]):
-            v = descend(v, tree.sub(lin.hvp(v), fw), step)
-        residual = self.norm(tree.sub(lin.hvp(v), fw))
-        d = hypergradient(fx, lin.mixed(v))
-        state = {**state, "v": v}
-        return self.outer_update(state, d, w, {"inner_grad_norm": self.norm(g), "linear_residual": residual})
+        solution = self.solve(state, inner_batch, outer_batch, start=state["v"])
+        return self.outer_update({**state, "v": solution.v}, solution, Metrics())
+
+    def linear_cost(self) -> int:
+        return self.h["linear_iters"]
 
 
 class BSA(DoubleLoop):
     """BSA (Ghadimi & Wang 2018): the inverse Hessian by the randomly truncated product
     ``H⁻¹ ≈ α Q Π_{i<p} (I − αH)``, ``p`` uniform in ``{0..Q−1}``, unbiased for the Q-term series;
     the generator's state is part of the algorithm state. ``truncation_samples = K`` averages K
-    independent draws of ``p`` (1 is the paper's estimator); they share one product chain, so the
-    cost stays at most ``Q − 1`` Hessian-vector products."""
+    independent draws of ``p`` (1 is the paper's estimator); they share one product chain (a
+    Neumann series whose term ``j`` is weighed by ``Q/K`` times the draws of ``j``).
+
+    Cost per step: ``inner_steps`` inner gradients, one linearisation, ``max p`` ``≤ Q − 1``
+    Hessian-vector products, one mixed product, one outer gradient.
+    """
 
     name = "bsa"
     hparams = {
@@ -158,31 +166,36 @@ class BSA(DoubleLoop):
         generator = torch.Generator().manual_seed(self.h["seed"])
         return {**super().init(outer, inner), "rng": generator.get_state()}
 
-    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
-        x = state["outer"]
-        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"])
-        lin = self.oracles.linearize(w, x, last)
-        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
+    def draw(self, state: State) -> tuple[list[float], torch.Tensor]:
+        """The Neumann term weights of this step's truncations, and the generator's next state."""
         generator = torch.Generator()
         generator.set_state(state["rng"])
-        terms = self.h["neumann_terms"]
-        powers = torch.randint(terms, (self.h["truncation_samples"],), generator=generator).tolist()
+        terms, samples = self.h["neumann_terms"], self.h["truncation_samples"]
+        powers = torch.randint(terms, (samples,), generator=generator)
+        weights = (torch.bincount(powers).double() * (terms / samples)).tolist()
+        return weights, generator.get_state()
+
+    def estimator(self, state: State) -> Estimator:
+        weights, _ = self.draw(state)
         alpha = self.h["linear_lr"] or self.h["inner_lr"]
-        chain = [fw]  # (I − αH)^j ∇_w f for j = 0 .. max p
-        for _ in range(max(powers)):
-            chain.append(descend(chain[-1], lin.hvp(chain[-1]), alpha))
-        total = chain[powers[0]]
-        for power in powers[1:]:
-            total = tree.add(total, chain[power])
-        v = tree.scale(total, alpha * terms / len(powers))
-        d = hypergradient(fx, lin.mixed(v))
-        state = {**state, "rng": generator.get_state()}
-        return self.outer_update(state, d, w, {"inner_grad_norm": self.norm(g)})
+        return hypergrad.Neumann(iters=len(weights), alpha=alpha, weights=weights)
+
+    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
+        solution = self.solve(state, inner_batch, outer_batch)
+        return self.outer_update({**state, "rng": self.draw(state)[1]}, solution, Metrics())
+
+    def linear_cost(self) -> int | None:
+        return None  # random: at most Q − 1
 
 
 class HOAG(DoubleLoop):
     """HOAG (Pedregosa 2016): inner solve and CG to a tolerance ``ε_k`` that shrinks by
-    ``tol_decay`` every iteration (a summable sequence), then an outer gradient step."""
+    ``tol_decay`` every iteration (a summable sequence), then an outer gradient step.
+
+    Cost per step: at most ``inner_steps`` inner gradients (fewer once ``‖∇_w g‖ ≤ ε_k``), one
+    linearisation, at most ``linear_iters`` Hessian-vector products, one mixed product, one outer
+    gradient.
+    """
 
     name = "hoag"
     hparams = {
@@ -197,20 +210,24 @@ class HOAG(DoubleLoop):
     def init(self, outer: Tree, inner: Tree) -> State:
         return {**super().init(outer, inner), "tol": self.h["tol"]}
 
+    def estimator(self, state: State) -> Estimator:
+        return hypergrad.CG(iters=self.h["linear_iters"], absolute_tol=state["tol"])
+
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
-        x, tol = state["outer"], state["tol"]
-        w, g, last = self.inner_solve(state["inner"], x, inner_batch, self.h["inner_steps"], tol=tol)
-        lin = self.oracles.linearize(w, x, last)
-        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
-        solved = cg(lin.hvp, fw, iters=self.h["linear_iters"], dot=self.comm.dot, tol=tol)
-        d = hypergradient(fx, lin.mixed(solved.solution))
-        state = {**state, "tol": tol * self.h["tol_decay"]}
-        metrics = {"inner_grad_norm": self.norm(g), "linear_residual": float(solved.residual), "tol": tol}
-        return self.outer_update(state, d, w, metrics)
+        tol = state["tol"]
+        solution = self.solve(state, inner_batch, outer_batch, tol=tol)
+        return self.outer_update({**state, "tol": tol * self.h["tol_decay"]}, solution, Metrics(tol=tol))
+
+    def linear_cost(self) -> int:
+        return self.h["linear_iters"]
 
 
 class ITD(DoubleLoop):
-    """Iterative differentiation: backpropagation through ``inner_steps`` warm-started GD steps."""
+    """Iterative differentiation: backpropagation through ``inner_steps`` warm-started GD steps
+    (the ``reverse`` estimator).
+
+    Cost per step: ``inner_steps`` inner gradients (with their graph) and one outer gradient.
+    """
 
     name = "itd"
     hparams = {
@@ -220,19 +237,11 @@ class ITD(DoubleLoop):
         "outer_decay": (0.0, fraction),
     }
 
-    def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
-        problem, comm, step = self.problem, self.comm, self.h["inner_lr"]
-        x = {k: v.detach().requires_grad_() for k, v in state["outer"].items()}
-        w = state["inner"]
-        cycle = batches(inner_batch)
-        with torch.enable_grad():
-            for k in range(self.h["inner_steps"]):
-                w = descend(w, comm.mean(grad(problem.inner_loss)(w, x, cycle[k % len(cycle)])), step)
-            value = problem.outer_loss(w, x, outer_batch)
-            grads = torch.autograd.grad(value, list(x.values()), allow_unused=True)
-        d = comm.mean(
-            {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(x.items(), grads, strict=True)}
-        )
-        w = tree.detach(w)
-        g = self.oracles.inner_grad(w, tree.detach(x), cycle[-1])
-        return self.outer_update(state, d, w, {"inner_grad_norm": self.norm(g)})
+    def estimator(self, state: State) -> Estimator:
+        return hypergrad.Reverse()
+
+    def cost(self, t: int) -> dict[str, int]:
+        return {"inner_grad": self.h["inner_steps"], "outer_grad": 1}
+
+
+__all__ = ["AID", "BSA", "HOAG", "ITD", "AmIGO", "StocBiO"]

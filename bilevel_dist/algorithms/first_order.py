@@ -8,7 +8,6 @@ from typing import Any
 from bilevel_dist import tree
 from bilevel_dist.algorithms.base import (
     Algorithm,
-    Metrics,
     State,
     count,
     decayed,
@@ -19,6 +18,8 @@ from bilevel_dist.algorithms.base import (
     nonnegative,
     zeros,
 )
+from bilevel_dist.metrics import Metrics
+from bilevel_dist.solvers import GD, run
 from bilevel_dist.tree import Tree
 
 
@@ -42,6 +43,7 @@ class Penalty(Algorithm):
     """
 
     name = "penalty"
+    inner_keys = ("inner", "nu")
     hparams = {
         "inner_lr": (1e-2, lr),
         "outer_lr": (1e-2, lr),
@@ -63,31 +65,41 @@ class Penalty(Algorithm):
         lrs = {"inner_lr": self.h["inner_lr"], "outer_lr": self.h["outer_lr"]}
         return {**state, **schedule, **lrs, "nu": zeros(inner), "stage_steps": 0}
 
-    def gradients(self, state: State, w: Tree, x: Tree, inner_batch: Any, outer_batch: Any) -> tuple[Tree, ...]:
-        """``(∇_w f̃, ∇_x f̃, ∇_w g)`` at ``(w, x)``, the multiplier and λ terms added."""
-        lin = self.oracles.linearize(w, x, inner_batch)
+    def gradients(
+        self, state: State, w: Tree, x: Tree, inner_batch: Any, outer_batch: Any, outer: bool = True
+    ) -> tuple[Tree, Tree | None, Tree]:
+        """``(∇_w f̃, ∇_x f̃, ∇_w g)`` at ``(w, x)``, the multiplier and λ terms added;
+        ``outer=False`` skips ``∇_x f̃`` (and its mixed product): the w-steps need only ``∇_w f̃``."""
+        lin = self.oracles.linearize(w, x, inner_batch, joint=outer)
         g = lin.grad  # already the mean over ranks: reduced before it is squared
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         direction = tree.scale(g, state["gamma"])
         if self.h["multiplier"]:
             direction = tree.add(direction, state["nu"])
+        if not outer:
+            return tree.add(fw, lin.hvp(direction)), None, g
         hv, jv = lin.both(direction)
-        dw, dx = tree.add(fw, hv), tree.add(fx, jv)
-        return dw, dx, g
+        return tree.add(fw, hv), self.oracles.outer_gradient(tree.add(fx, jv)), g
+
+    def cost(self, t: int) -> dict[str, int]:
+        steps = self.h["inner_steps"] + 1
+        return {"linearize": steps, "hvp": steps, "mixed": 1, "outer_grad": steps}
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         w, x = state["inner"], state["outer"]
         shrink = 1.0 + self.h["gamma_lr_coef"] * state["gamma"]
         for _ in range(self.h["inner_steps"]):
-            dw, _, g = self.gradients(state, w, x, inner_batch, outer_batch)
+            dw, _, g = self.gradients(state, w, x, inner_batch, outer_batch, outer=False)
             if state["lam"]:
                 dw = tree.axpy(state["lam"], g, dw)
             w = descend(w, dw, state["inner_lr"] / shrink)
         dw, dx, g = self.gradients(state, w, x, inner_batch, outer_batch)
+        assert dx is not None
         x = descend(x, dx, state["outer_lr"] / shrink)
-        residual = self.norm(dw) ** 2 + self.norm(dx) ** 2
+        # the schedule's test needs this number on every step (one scalar, same on every rank)
+        residual = float(self.comm.dot(dw, dw) + self.comm.dot(dx, dx))
         state = {**state, "inner": w, "outer": x, "t": state["t"] + 1, "stage_steps": state["stage_steps"] + 1}
-        metrics = {"hypergrad_norm": self.norm(dx), "penalty_gamma": state["gamma"], "penalty_residual": residual**0.5}
+        metrics = Metrics(hypergrad_norm=self.norm(dx), penalty_gamma=state["gamma"], penalty_residual=residual**0.5)
         if residual <= state["epsilon"] ** 2:
             gamma = state["gamma"] * self.h["gamma_factor"]
             state |= {
@@ -117,22 +129,25 @@ class BOME(Algorithm):
         "eta": (0.5, factor),
     }
 
+    def cost(self, t: int) -> dict[str, int]:
+        return {"inner_grad": self.h["inner_steps"] + 2, "outer_grad": 1}
+
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         w, x = state["inner"], state["outer"]
-        approx = w
-        for _ in range(self.h["inner_steps"]):
-            approx = descend(approx, self.oracles.inner_grad(approx, x, inner_batch), self.h["inner_lr"])
+        approx = run(GD(self.h["inner_lr"], self.h["inner_steps"]), self.oracles, w, x, inner_batch).inner
         gw, gx = self.oracles.inner_grads(w, x, inner_batch)
         gx_hat = self.oracles.inner_grads(approx, x, inner_batch)[1]
-        qw, qx = gw, tree.sub(gx, gx_hat)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
+        # λ is not linear in the pieces: ∇_x q and ∇_x f are reduced before the products
+        qw, qx = gw, self.oracles.outer_gradient(tree.sub(gx, gx_hat))
+        fx = self.oracles.outer_gradient(fx)
         q_sq = float(self.comm.dot(qw, qw) + self.comm.dot(qx, qx))
         inner_product = float(self.comm.dot(fw, qw) + self.comm.dot(fx, qx))
         lam = max(self.h["eta"] * q_sq - inner_product, 0.0) / max(q_sq, 1e-30)
         dw, dx = tree.axpy(lam, qw, fw), tree.axpy(lam, qx, fx)
         step = decayed(self.h["outer_lr"], state["t"], self.h["outer_decay"])
         state = {**state, "inner": descend(w, dw, step), "outer": descend(x, dx, step), "t": state["t"] + 1}
-        return state, {"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(gw), "bome_lambda": lam}
+        return state, Metrics({"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(gw), "bome_lambda": lam})
 
 
 class F2SA(Algorithm):
@@ -141,6 +156,7 @@ class F2SA(Algorithm):
     ``lam_max``. ``state["inner"]`` is ``z``; the ``y`` step is scaled by ``1/λ`` to stay stable."""
 
     name = "f2sa"
+    inner_keys = ("inner", "y")
     hparams = {
         "inner_lr": (0.1, lr),
         "inner_steps": (1, count),
@@ -154,17 +170,21 @@ class F2SA(Algorithm):
         state = super().init(outer, inner)
         return {**state, "y": {k: v.clone() for k, v in state["inner"].items()}, "lam": self.h["lam"]}
 
+    def cost(self, t: int) -> dict[str, int]:
+        steps = self.h["inner_steps"]
+        return {"inner_grad": 2 * steps + 2, "outer_grad": steps + 1}
+
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         x, z, y, lam = state["outer"], state["inner"], state["y"], state["lam"]
         step = self.h["inner_lr"]
-        for _ in range(self.h["inner_steps"]):
-            z = descend(z, self.oracles.inner_grad(z, x, inner_batch), step)
+        z = run(GD(step, self.h["inner_steps"]), self.oracles, z, x, inner_batch).inner
+        for _ in range(self.h["inner_steps"]):  # y: gradient steps on f + λg, not on g
             fy = self.oracles.outer_grads(y, x, outer_batch)[0]
             y = descend(y, tree.axpy(lam, self.oracles.inner_grad(y, x, inner_batch), fy), step / lam)
         fx = self.oracles.outer_grads(y, x, outer_batch)[1]
         gx_y = self.oracles.inner_grads(y, x, inner_batch)[1]
         gx_z = self.oracles.inner_grads(z, x, inner_batch)[1]
-        d = tree.axpy(lam, tree.sub(gx_y, gx_z), fx)
+        d = self.oracles.outer_gradient(tree.axpy(lam, tree.sub(gx_y, gx_z), fx))
         state = {
             **state,
             "outer": descend(x, d, self.h["outer_lr"]),
@@ -173,4 +193,4 @@ class F2SA(Algorithm):
             "lam": min(lam + self.h["lam_growth"], self.h["lam_max"]),
             "t": state["t"] + 1,
         }
-        return state, {"hypergrad_norm": self.norm(d), "f2sa_lambda": lam}
+        return state, Metrics({"hypergrad_norm": self.norm(d), "f2sa_lambda": lam})

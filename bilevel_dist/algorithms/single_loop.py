@@ -12,7 +12,6 @@ from typing import Any
 from bilevel_dist import tree
 from bilevel_dist.algorithms.base import (
     Algorithm,
-    Metrics,
     State,
     count,
     decayed,
@@ -23,6 +22,7 @@ from bilevel_dist.algorithms.base import (
     zeros,
 )
 from bilevel_dist.linalg import neumann
+from bilevel_dist.metrics import Metrics
 from bilevel_dist.tree import Tree
 
 _STEPS = {
@@ -42,17 +42,32 @@ class SingleLoop(Algorithm):
         )
 
     def soba_directions(self, w: Tree, v: Tree, x: Tree, inner_batch: Any, outer_batch: Any) -> tuple[Tree, ...]:
-        """SOBA's three directions at ``(w, v, x)``: ``∇_w g``, ``H v − ∇_w f``, ``∇_x f − J v``."""
-        g, hv, jv, fw, fx = self.oracles.hypergrad_pieces(w, v, x, inner_batch, outer_batch)
-        return g, tree.sub(hv, fw), hypergradient(fx, jv)
+        """SOBA's three directions at ``(w, v, x)``: ``∇_w g``, ``H v − ∇_w f``, ``∇_x f − J v``
+        (the last reduced over ranks). One linearisation, one joint ``(H v, J v)`` backward and
+        one outer gradient."""
+        lin = self.oracles.linearize(w, x, inner_batch, joint=True)
+        hv, jv = lin.both(v)
+        fw, fx = self.oracles.outer_grads(w, x, outer_batch)
+        return lin.grad, tree.sub(hv, fw), self.oracles.outer_gradient(hypergradient(fx, jv))
 
     def neumann_directions(self, w: Tree, x: Tree, inner_batch: Any, outer_batch: Any) -> tuple[Tree, Tree]:
-        """``∇_w g`` and the Neumann hypergradient estimate at ``(w, x)``."""
+        """``∇_w g`` and the Neumann hypergradient estimate at ``(w, x)`` (reduced over ranks):
+        one linearisation, ``neumann_terms − 1`` Hessian-vector products, one mixed product and
+        one outer gradient."""
         lin = self.oracles.linearize(w, x, inner_batch)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         alpha = self.h["linear_lr"] or self.h["inner_lr"]
-        v = neumann(lin.hvp, fw, iters=self.h["neumann_terms"], alpha=alpha).solution
-        return lin.grad, hypergradient(fx, lin.mixed(v))
+        v = neumann(lin.hvp, fw, iters=self.h["neumann_terms"], alpha=alpha, batched=self.oracles.batched).solution
+        return lin.grad, self.oracles.outer_gradient(hypergradient(fx, lin.mixed(v)))
+
+    def soba_cost(self, times: int = 1) -> dict[str, int]:
+        """What ``times`` calls of :meth:`soba_directions` cost."""
+        return {"linearize": times, "hvp": times, "mixed": times, "outer_grad": times}
+
+    def neumann_cost(self, times: int = 1) -> dict[str, int]:
+        """What ``times`` calls of :meth:`neumann_directions` cost."""
+        terms = self.h["neumann_terms"] - 1
+        return {"linearize": times, "hvp": terms * times, "mixed": times, "outer_grad": times}
 
 
 class SOBA(SingleLoop):
@@ -60,10 +75,14 @@ class SOBA(SingleLoop):
     directions at the current point (Dagréou et al. 2022, Alg. 1)."""
 
     name = "soba"
+    inner_keys = ("inner", "v")
     hparams = _STEPS
 
     def init(self, outer: Tree, inner: Tree) -> State:
         return {**super().init(outer, inner), "v": zeros(inner)}
+
+    def cost(self, t: int) -> dict[str, int]:
+        return self.soba_cost()
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         t, w, v, x = state["t"], state["inner"], state["v"], state["outer"]
@@ -71,11 +90,13 @@ class SOBA(SingleLoop):
         dw, dv, dx = self.soba_directions(w, v, x, inner_batch, outer_batch)
         state = {**state, "inner": descend(w, dw, rho), "v": descend(v, dv, rho), "outer": descend(x, dx, gamma)}
         state["t"] = t + 1
-        return state, {
-            "hypergrad_norm": self.norm(dx),
-            "inner_grad_norm": self.norm(dw),
-            "linear_residual": self.norm(dv),
-        }
+        return state, Metrics(
+            {
+                "hypergrad_norm": self.norm(dx),
+                "inner_grad_norm": self.norm(dw),
+                "linear_residual": self.norm(dv),
+            }
+        )
 
 
 class FSLA(SOBA):
@@ -83,11 +104,15 @@ class FSLA(SOBA):
     ``d_t = D(z_t) + (1 − η)(d_{t−1} − D(z_{t−1}))`` on the same batch (Li et al. 2022)."""
 
     name = "fsla"
+    episodic = False
     hparams = {**_STEPS, "momentum": (0.5, fraction)}
 
     def init(self, outer: Tree, inner: Tree) -> State:
         state = super().init(outer, inner)
         return {**state, "d": zeros(outer), "prev": {"inner": state["inner"], "v": state["v"], "outer": state["outer"]}}
+
+    def cost(self, t: int) -> dict[str, int]:
+        return self.soba_cost(2 if t > 0 else 1)
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         t, w, v, x = state["t"], state["inner"], state["v"], state["outer"]
@@ -106,11 +131,13 @@ class FSLA(SOBA):
             "outer": descend(x, dx, gamma),
             "t": t + 1,
         }
-        return state, {
-            "hypergrad_norm": self.norm(dx),
-            "inner_grad_norm": self.norm(dw),
-            "linear_residual": self.norm(dv),
-        }
+        return state, Metrics(
+            {
+                "hypergrad_norm": self.norm(dx),
+                "inner_grad_norm": self.norm(dw),
+                "linear_residual": self.norm(dv),
+            }
+        )
 
 
 _NEUMANN = {**_STEPS, "neumann_terms": (10, count), "linear_lr": (None, lr)}
@@ -123,12 +150,15 @@ class TTSA(SingleLoop):
     name = "ttsa"
     hparams = {**_NEUMANN, "inner_decay": (0.4, fraction), "outer_decay": (0.6, fraction)}
 
+    def cost(self, t: int) -> dict[str, int]:
+        return self.neumann_cost()
+
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         t, w, x = state["t"], state["inner"], state["outer"]
         rho, gamma = self.rates(t)
         dw, dx = self.neumann_directions(w, x, inner_batch, outer_batch)
         state = {**state, "inner": descend(w, dw, rho), "outer": descend(x, dx, gamma), "t": t + 1}
-        return state, {"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(dw)}
+        return state, Metrics({"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(dw)})
 
 
 class MRBO(SingleLoop):
@@ -137,6 +167,7 @@ class MRBO(SingleLoop):
     (Yang et al. 2021)."""
 
     name = "mrbo"
+    episodic = False
     hparams = {**_NEUMANN, "momentum": (0.9, fraction), "momentum_decay": (0.0, fraction)}
 
     def init(self, outer: Tree, inner: Tree) -> State:
@@ -147,6 +178,9 @@ class MRBO(SingleLoop):
             "d": zeros(outer),
             "prev": {"inner": state["inner"], "outer": state["outer"]},
         }
+
+    def cost(self, t: int) -> dict[str, int]:
+        return self.neumann_cost(2 if t > 0 else 1)
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         t, w, x = state["t"], state["inner"], state["outer"]
@@ -162,7 +196,7 @@ class MRBO(SingleLoop):
         new_x = descend(x, d, gamma)
         new_w = descend(w, u, rho)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "inner": new_w, "outer": new_x, "t": t + 1}
-        return state, {"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)}
+        return state, Metrics({"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)})
 
 
 class SUSTAIN(MRBO):
@@ -171,6 +205,10 @@ class SUSTAIN(MRBO):
 
     name = "sustain"
     hparams = {**_NEUMANN, "momentum": (0.5, fraction), "momentum_decay": (0.0, fraction)}
+
+    def cost(self, t: int) -> dict[str, int]:
+        times = 2 if t > 0 else 1
+        return {**self.neumann_cost(times), "inner_grad": times}
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         t, w, x = state["t"], state["inner"], state["outer"]
@@ -187,4 +225,4 @@ class SUSTAIN(MRBO):
             u = tree.axpy(keep, tree.sub(state["u"], old_u), u)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "t": t + 1}
         state["inner"], state["outer"] = descend(w, u, rho), new_x
-        return state, {"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)}
+        return state, Metrics({"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)})

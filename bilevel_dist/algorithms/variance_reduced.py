@@ -14,9 +14,11 @@ import torch
 from torch import Tensor
 
 from bilevel_dist import tree
-from bilevel_dist.algorithms.base import Metrics, State, count, descend, zeros
+from bilevel_dist._checks import ConfigError
+from bilevel_dist.algorithms.base import State, count, descend, zeros
 from bilevel_dist.algorithms.single_loop import _NEUMANN, _STEPS, SingleLoop
 from bilevel_dist.linalg import linearize, loss_grads
+from bilevel_dist.metrics import Metrics
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.tree import Tree
 
@@ -38,12 +40,16 @@ class SABA(SingleLoop):
 
     name = "saba"
     hparams = {**_STEPS, "n_inner": (None, count), "n_outer": (None, count)}
+    data_needs = {"n_inner": 1, "n_outer": 1}
+    episodic = False
 
     def __init__(self, problem: BilevelProblem, comm=None, **hparams: Any) -> None:
         super().__init__(problem, comm, **hparams)
         for key in ("n_inner", "n_outer"):
             if self.h[key] is None:
                 raise ValueError(f"saba needs {key}, the number of samples its memory covers")
+        if self.comm.world_size > 1:
+            raise ConfigError("algorithm.name", "saba keeps per-sample memory on one process: run it on 1 device")
 
     def init(self, outer: Tree, inner: Tree) -> State:
         state = super().init(outer, inner)
@@ -52,6 +58,9 @@ class SABA(SingleLoop):
         memory |= {"fw": _stack(inner, m), "fx": _stack(outer, m)}
         return {**state, "v": zeros(inner), "memory": memory, "memory_mean": {k: _mean0(t) for k, t in memory.items()}}
 
+    def cost(self, t: int) -> dict[str, int]:
+        return self.soba_cost()
+
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         t, w, v, x = state["t"], state["inner"], state["v"], state["outer"]
         rho, gamma = self.rates(t)
@@ -59,7 +68,7 @@ class SABA(SingleLoop):
         problem = self.problem
 
         def inner_sample(batch: Any) -> Tree:
-            lin = linearize(problem.inner_loss, w, x, batch)
+            lin = linearize(problem.inner_loss, w, x, batch, joint=True)
             hv, jv = lin.both(v)
             return {"g": lin.grad, "hv": hv, "jv": jv}
 
@@ -67,6 +76,7 @@ class SABA(SingleLoop):
             fw, fx = loss_grads(problem.outer_loss, w, x, batch)
             return {"fw": fw, "fx": fx}
 
+        self.oracles.calls.update(self.cost(t))  # each kind once, vectorised over the samples
         fresh = {
             **self.oracles.per_sample(inner_sample, inner_batch),
             **self.oracles.per_sample(outer_sample, outer_batch),
@@ -95,11 +105,13 @@ class SABA(SingleLoop):
             "memory_mean": means,
             "t": t + 1,
         }
-        return state, {
-            "hypergrad_norm": self.norm(dx),
-            "inner_grad_norm": self.norm(dw),
-            "linear_residual": self.norm(dv),
-        }
+        return state, Metrics(
+            {
+                "hypergrad_norm": self.norm(dx),
+                "inner_grad_norm": self.norm(dw),
+                "linear_residual": self.norm(dv),
+            }
+        )
 
 
 def _mean0(t: Tree) -> Tree:
@@ -108,7 +120,11 @@ def _mean0(t: Tree) -> Tree:
 
 class _Recursive(SingleLoop):
     """SARAH recursion ``D_t = D_{t−1} + D_B(z_t) − D_B(z_{t−1})``, refreshed by a full pass every
-    ``period`` iterations on ``full_batches = (inner, outer)``."""
+    ``period`` iterations on ``full_batches = (inner, outer)`` (batches or
+    :class:`~bilevel_dist.oracles.Chunks`)."""
+
+    data_needs = {"full_batches": (None, None)}
+    episodic = False
 
     def __init__(self, problem: BilevelProblem, comm=None, full_batches: tuple[Any, Any] | None = None, **hp: Any):
         super().__init__(problem, comm, **hp)
@@ -145,6 +161,9 @@ class SRBA(_Recursive):
             "prev": {"inner": state["inner"], "v": v, "outer": state["outer"]},
         }
 
+    def cost(self, t: int) -> dict[str, int]:
+        return self.soba_cost(1 if t % self.h["period"] == 0 else 2)
+
     def directions(self, point: State, inner_batch: Any, outer_batch: Any) -> dict[str, Tree]:
         dw, dv, dx = self.soba_directions(point["inner"], point["v"], point["outer"], inner_batch, outer_batch)
         return {"w": dw, "v": dv, "x": dx}
@@ -163,7 +182,7 @@ class SRBA(_Recursive):
             "outer": descend(point["outer"], est["x"], gamma),
             "t": t + 1,
         }
-        return state, {"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(est["w"])}
+        return state, Metrics({"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(est["w"])})
 
 
 class VRBO(_Recursive):
@@ -177,6 +196,10 @@ class VRBO(_Recursive):
     def init(self, outer: Tree, inner: Tree) -> State:
         state = super().init(outer, inner)
         return {**state, "estimate": {"w": zeros(inner), "x": zeros(outer)}, "prev": {"inner": inner, "outer": outer}}
+
+    def cost(self, t: int) -> dict[str, int]:
+        times = 1 if t % self.h["period"] == 0 else 2
+        return {**self.neumann_cost(times), "inner_grad": 2 * self.h["inner_steps"]}
 
     def directions(self, point: State, inner_batch: Any, outer_batch: Any) -> dict[str, Tree]:
         dw, dx = self.neumann_directions(point["inner"], point["outer"], inner_batch, outer_batch)
@@ -199,7 +222,7 @@ class VRBO(_Recursive):
             old_w, old_x = w, x
         # The stored estimate stays the one at ``point``: the next recursion differences from there.
         state = {**state, "prev": point, "estimate": est, "inner": w, "outer": x, "t": t + 1}
-        return state, {"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(u)}
+        return state, Metrics({"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(u)})
 
 
 __all__ = ["SABA", "SRBA", "VRBO"]

@@ -8,10 +8,11 @@ name            estimator                                             family
 ``forward``     :class:`Forward` — forward-mode tangents              unrolled
 ``cg``          :class:`CG` ``(iters, tol)``                          implicit
 ``neumann``     :class:`Neumann` ``(iters, alpha)``                   implicit
+``gradient_descent`` :class:`GradientDescent` ``(iters)``, warm start implicit
 ``fixed_point`` :class:`FixedPoint` ``(iters, tol)``                  implicit
 ``exact``       :class:`Exact` — dense solve, an oracle               implicit
 ``finite_diff`` :class:`FiniteDiff` ``(eps)`` — DARTS                 finite difference
-``penalty``     :class:`Penalty` ``(gamma)`` — Mehra & Hamm           penalty
+``penalty``     :class:`PenaltyGradient` ``(gamma)`` — Mehra & Hamm   penalty
 =============== ===================================================== =========================
 """
 
@@ -22,12 +23,24 @@ from typing import Any
 
 from bilevel_dist.hypergrad.base import Estimator, Solution
 from bilevel_dist.hypergrad.finite_diff import FiniteDiff
-from bilevel_dist.hypergrad.implicit import CG, Exact, FixedPoint, Implicit, Neumann
-from bilevel_dist.hypergrad.penalty import Penalty
+from bilevel_dist.hypergrad.implicit import CG, Exact, FixedPoint, GradientDescent, Implicit, Neumann
+from bilevel_dist.hypergrad.penalty import PenaltyGradient
 from bilevel_dist.hypergrad.unrolled import Forward, Reverse, Truncated
 
 REGISTRY: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (Reverse, Truncated, Forward, CG, Neumann, FixedPoint, Exact, FiniteDiff, Penalty)
+    cls.name: cls
+    for cls in (
+        Reverse,
+        Truncated,
+        Forward,
+        CG,
+        Neumann,
+        GradientDescent,
+        FixedPoint,
+        Exact,
+        FiniteDiff,
+        PenaltyGradient,
+    )
 }
 
 
@@ -52,8 +65,9 @@ __all__ = [
     "FixedPoint",
     "Forward",
     "Implicit",
+    "GradientDescent",
     "Neumann",
-    "Penalty",
+    "PenaltyGradient",
     "Reverse",
     "Solution",
     "Truncated",

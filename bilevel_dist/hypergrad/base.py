@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from bilevel_dist import tree
-from bilevel_dist.linalg import loss_grads
+from bilevel_dist.metrics import Metrics
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.solvers import Run, Solver
 from bilevel_dist.tree import Tree
@@ -17,11 +18,13 @@ from bilevel_dist.tree import Tree
 @dataclass
 class Solution:
     """A solved bilevel step: the lower-level solution reached, the hypergradient (shaped like
-    the outer tree) and diagnostics (steps taken, residuals, seconds)."""
+    the outer tree, reduced over ranks), the linear-system solution ``v`` where there is one, and
+    diagnostics (steps taken, residuals, seconds), computed when read."""
 
     inner: Tree
     grad: Tree
-    info: dict[str, Any] = field(default_factory=dict)
+    info: Metrics = field(default_factory=Metrics)
+    v: Tree | None = None
 
 
 class Estimator:
@@ -29,6 +32,8 @@ class Estimator:
 
     Estimators run the lower-level solver themselves because they differ in how: with a graph
     (reverse), with tangents (forward), or plainly followed by a linear solve (implicit).
+    ``problem`` may be its :class:`~bilevel_dist.oracles.Oracles`: then every oracle goes through
+    that ``Comm`` and reduction policy, and the returned gradient is the global one.
     """
 
     name: str = ""
@@ -38,7 +43,7 @@ class Estimator:
 
     def __call__(
         self,
-        problem: BilevelProblem,
+        problem: BilevelProblem | Oracles,
         outer: Tree,
         inner: Tree,
         solver: Solver,
@@ -52,19 +57,22 @@ class Estimator:
         return f"{type(self).__name__}({args})"
 
 
-def run_info(end: Run, batched: bool) -> dict[str, Any]:
-    """The solver's diagnostics, as Python numbers unless the problem is batched."""
-    if batched:
-        return {"inner_steps": end.steps, "inner_grad_norm": end.grad_norm}
-    return {"inner_steps": int(end.steps), "inner_grad_norm": float(end.grad_norm)}
-
-
 def per_problem_value(value: Tensor, batched: bool) -> Any:
-    """A diagnostic tensor as a Python float unless it holds one value per problem."""
-    return value if batched else float(value)
+    """A diagnostic tensor as a Python number unless it holds one value per problem."""
+    if batched:
+        return value
+    return value.item()
 
 
-def outer_grads(problem: BilevelProblem, inner: Tree, outer: Tree, batch: Any) -> tuple[Tree, Tree]:
-    """``(∇_w f, ∇_x f)`` at the given point, detached."""
-    gw, gx = loss_grads(problem.outer_loss, tree.detach(inner), tree.detach(outer), batch)
-    return gw, gx
+def run_info(end: Run, batched: bool, grad: Tree | None = None) -> Metrics:
+    """The solver's diagnostics (``grad``: an inner gradient at the end, when one was computed)."""
+    last = end.last_grad if grad is None else grad
+    return Metrics(
+        inner_steps=lambda: per_problem_value(end.steps, batched),
+        inner_grad_norm=lambda: per_problem_value(end.oracles.norm(last), batched),
+    )
+
+
+def outer_grads(oracles: Oracles, inner: Tree, outer: Tree, batch: Any) -> tuple[Tree, Tree]:
+    """``(∇_w f, ∇_x f)`` at the given point, detached (``∇_x f`` local, see :class:`Oracles`)."""
+    return oracles.outer_grads(tree.detach(inner), tree.detach(outer), batch)

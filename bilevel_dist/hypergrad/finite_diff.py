@@ -15,9 +15,9 @@ import torch
 from bilevel_dist import tree
 from bilevel_dist._checks import positive_float
 from bilevel_dist.hypergrad.base import Estimator, Solution, outer_grads, run_info
-from bilevel_dist.linalg import loss_grad, loss_grads
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
-from bilevel_dist.solvers import Solver, run
+from bilevel_dist.solvers import Solver, last_batch, run
 from bilevel_dist.tree import Tree
 
 
@@ -37,23 +37,26 @@ class FiniteDiff(Estimator):
 
     def __call__(
         self,
-        problem: BilevelProblem,
+        problem: BilevelProblem | Oracles,
         outer: Tree,
         inner: Tree,
         solver: Solver,
         inner_batch: Any = None,
         outer_batch: Any = None,
     ) -> Solution:
+        oracles = Oracles.of(problem)
+        batched = oracles.batched
         outer = tree.detach(outer)
-        end = run(solver, problem, tree.detach(inner), outer, inner_batch)
+        end = run(solver, oracles, tree.detach(inner), outer, inner_batch)
         xi = self.xi if self.xi is not None else solver.lr
-        w = end.inner
-        virtual = tree.axpy(-xi, loss_grad(problem.inner_loss, w, outer, inner_batch), w)
-        direction, gx = outer_grads(problem, virtual, outer, outer_batch)
-        length = tree.norm(direction)
+        w, batch = end.inner, last_batch(inner_batch)
+        g = oracles.inner_grad(w, outer, batch)
+        virtual = tree.axpy(-xi, g, w)
+        direction, gx = outer_grads(oracles, virtual, outer, outer_batch)
+        length = tree.norm(direction)  # one step for every problem: the difference is linear in d
         h = self.eps / torch.where(length > 0, length, torch.ones_like(length))
-        plus = loss_grads(problem.inner_loss, tree.axpy(h, direction, w), outer, inner_batch)[1]
-        minus = loss_grads(problem.inner_loss, tree.axpy(-h, direction, w), outer, inner_batch)[1]
+        plus = oracles.inner_grads(tree.axpy(h, direction, w, batched), outer, batch)[1]
+        minus = oracles.inner_grads(tree.axpy(-h, direction, w, batched), outer, batch)[1]
         mixed = tree.scale(tree.sub(plus, minus), 1 / (2 * h))
-        grad = tree.axpy(-xi, mixed, gx)
-        return Solution(w, grad, run_info(end, problem.batched))
+        grad = oracles.outer_gradient(tree.axpy(-xi, mixed, gx))
+        return Solution(w, grad, run_info(end, batched, g))

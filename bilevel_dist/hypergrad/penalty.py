@@ -14,13 +14,14 @@ from typing import Any
 from bilevel_dist import tree
 from bilevel_dist._checks import positive_float, positive_int
 from bilevel_dist.hypergrad.base import Estimator, Solution, per_problem_value, run_info
-from bilevel_dist.linalg import cg, linearize, loss_grads
+from bilevel_dist.linalg import cg, linearize
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
-from bilevel_dist.solvers import Solver, run
+from bilevel_dist.solvers import Solver, last_batch, run
 from bilevel_dist.tree import Tree
 
 
-class Penalty(Estimator):
+class PenaltyGradient(Estimator):
     """Penalty gradient ``∇_x f̃`` at the minimiser of ``f + γ/2 ‖∇_w g‖²`` in ``w``.
 
     Args:
@@ -40,33 +41,36 @@ class Penalty(Estimator):
 
     def __call__(
         self,
-        problem: BilevelProblem,
+        problem: BilevelProblem | Oracles,
         outer: Tree,
         inner: Tree,
         solver: Solver,
         inner_batch: Any = None,
         outer_batch: Any = None,
     ) -> Solution:
+        oracles = Oracles.of(problem)
         outer = tree.detach(outer)
-        batched, gamma = problem.batched, self.gamma
-        end = run(solver, problem, tree.detach(inner), outer, inner_batch)
-        w = end.inner
+        batched, gamma = oracles.batched, self.gamma
+        end = run(solver, oracles, tree.detach(inner), outer, inner_batch)
+        w, batch = end.inner, last_batch(inner_batch)
         for iteration in range(self.newton_steps + 1):
-            inner_lin = linearize(problem.inner_loss, w, outer, inner_batch)
-            outer_lin = linearize(problem.outer_loss, w, outer, outer_batch)
-            residual_grad = tree.axpy(gamma, inner_lin.hvp(inner_lin.grad), outer_lin.grad)
-            residual = tree.norm(residual_grad, batched)
+            inner_lin = oracles.linearize(w, outer, batch)
+            # the outer loss's own curvature, reduced as the inner level's
+            outer_lin = linearize(oracles.problem.outer_loss, w, outer, outer_batch)
+            outer_grad = oracles.reduce_inner(outer_lin.grad)
+            residual_grad = tree.axpy(gamma, inner_lin.hvp(inner_lin.grad), outer_grad)
+            residual = oracles.norm(residual_grad)
             if bool((residual <= self.tol).all()) or iteration == self.newton_steps:
                 break
 
             def gauss_newton(p: Tree, inner_lin=inner_lin, outer_lin=outer_lin) -> Tree:
-                return tree.axpy(gamma, inner_lin.hvp(inner_lin.hvp(p)), outer_lin.hvp(p))
+                return tree.axpy(gamma, inner_lin.hvp(inner_lin.hvp(p)), oracles.reduce_inner(outer_lin.hvp(p)))
 
             rhs = tree.scale(residual_grad, -1.0)
-            step = cg(gauss_newton, rhs, iters=self.cg_iters, tol=self.tol, batched=batched)
+            step = cg(gauss_newton, rhs, iters=self.cg_iters, tol=self.tol, batched=batched, dot=oracles.dot)
             w = tree.add(w, step.solution)
-        gx = loss_grads(problem.outer_loss, w, outer, outer_batch)[1]
-        grad = tree.axpy(gamma, inner_lin.mixed(inner_lin.grad), gx)
-        info = run_info(end, batched)
-        info["penalty_residual"] = per_problem_value(residual, batched)
+        gx = oracles.outer_grads(w, outer, outer_batch)[1]
+        grad = oracles.outer_gradient(tree.axpy(gamma, inner_lin.mixed(inner_lin.grad), gx))
+        info = run_info(end, batched, inner_lin.grad)
+        info |= {"penalty_residual": lambda: per_problem_value(residual, batched)}
         return Solution(end.inner, grad, info)

@@ -14,18 +14,22 @@ from torch.func import jvp, vmap
 from bilevel_dist import tree
 from bilevel_dist._checks import positive_int
 from bilevel_dist.hypergrad.base import Estimator, Solution, outer_grads, run_info
+from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
-from bilevel_dist.solvers import Solver, State, masked_step, replay, run
+from bilevel_dist.solvers import Solver, SolverState, masked_step, replay, run
 from bilevel_dist.tree import Tree
 
 
-def _backprop(problem: BilevelProblem, inner: Tree, outer: Tree, batch: Any) -> Tree:
-    """``d f(inner(x), x) / dx`` by backpropagation through whatever graph ``inner`` carries."""
-    value = problem.outer_loss(inner, outer, batch)
+def _backprop(oracles: Oracles, inner: Tree, outer: Tree, batch: Any) -> Tree:
+    """``d f(inner(x), x) / dx`` by backpropagation through whatever graph ``inner`` carries,
+    reduced over ranks."""
+    oracles.calls["outer_grad"] += 1
+    value = oracles.problem.outer_loss(inner, outer, batch)
     if not value.requires_grad:  # neither level depends on the outer variables
-        return tree.zeros_like(tree.detach(outer))
+        return oracles.outer_gradient(tree.zeros_like(tree.detach(outer)))
     grads = torch.autograd.grad(value, list(outer.values()), allow_unused=True)
-    return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(outer.items(), grads, strict=True)}
+    local = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(outer.items(), grads, strict=True)}
+    return oracles.outer_gradient(local)
 
 
 def _leaves(outer: Tree) -> Tree:
@@ -39,18 +43,19 @@ class Reverse(Estimator):
 
     def __call__(
         self,
-        problem: BilevelProblem,
+        problem: BilevelProblem | Oracles,
         outer: Tree,
         inner: Tree,
         solver: Solver,
         inner_batch: Any = None,
         outer_batch: Any = None,
     ) -> Solution:
+        oracles = Oracles.of(problem)
         outer = _leaves(outer)
         with torch.enable_grad():
-            end = run(solver, problem, tree.detach(inner), outer, inner_batch)
-            grad = _backprop(problem, end.inner, outer, outer_batch)
-        return Solution(tree.detach(end.inner), grad, run_info(end, problem.batched))
+            end = run(solver, oracles, tree.detach(inner), outer, inner_batch)
+            grad = _backprop(oracles, end.inner, outer, outer_batch)
+        return Solution(tree.detach(end.inner), grad, run_info(end, oracles.batched))
 
 
 class Truncated(Estimator):
@@ -69,19 +74,20 @@ class Truncated(Estimator):
 
     def __call__(
         self,
-        problem: BilevelProblem,
+        problem: BilevelProblem | Oracles,
         outer: Tree,
         inner: Tree,
         solver: Solver,
         inner_batch: Any = None,
         outer_batch: Any = None,
     ) -> Solution:
-        end = run(solver, problem, tree.detach(inner), tree.detach(outer), inner_batch, keep_last=self.k)
+        oracles = Oracles.of(problem)
+        end = run(solver, oracles, tree.detach(inner), tree.detach(outer), inner_batch, keep_last=self.k)
         outer = _leaves(outer)
         with torch.enable_grad():
-            last = replay(solver, problem, end, outer, inner_batch)
-            grad = _backprop(problem, last, outer, outer_batch)
-        return Solution(end.inner, grad, run_info(end, problem.batched))
+            last = replay(solver, oracles, end, outer, inner_batch)
+            grad = _backprop(oracles, last, outer, outer_batch)
+        return Solution(end.inner, grad, run_info(end, oracles.batched))
 
 
 class Forward(Estimator):
@@ -93,13 +99,14 @@ class Forward(Estimator):
 
     def __call__(
         self,
-        problem: BilevelProblem,
+        problem: BilevelProblem | Oracles,
         outer: Tree,
         inner: Tree,
         solver: Solver,
         inner_batch: Any = None,
         outer_batch: Any = None,
     ) -> Solution:
+        oracles = Oracles.of(problem)
         outer = tree.detach(outer)
         inner = tree.detach(inner)
         directions = tree.basis(outer)
@@ -110,19 +117,19 @@ class Forward(Estimator):
 
         tangents: list = [expand(inner), {k: expand(s) for k, s in solver.init(inner).items()}]
 
-        def advance(w: Tree, state: State, grad: Tree, active: Tensor | None, t: int) -> tuple[Tree, State]:
-            def step(w_: Tree, s_: State, x_: Tree) -> tuple[Tree, State]:
-                return masked_step(solver, problem, w_, s_, x_, inner_batch, active, t)
+        def advance(w: Tree, state: SolverState, grad: Tree, active: Tensor | None, t: int) -> tuple[Tree, SolverState]:
+            def step(w_: Tree, s_: SolverState, x_: Tree) -> tuple[Tree, SolverState]:
+                return masked_step(solver, oracles, w_, s_, x_, inner_batch, active, t)
 
-            def push(tw: Tree, ts: State, tx: Tree) -> tuple[tuple[Tree, State], tuple[Tree, State]]:
+            def push(tw: Tree, ts: SolverState, tx: Tree) -> tuple[tuple[Tree, SolverState], tuple[Tree, SolverState]]:
                 return jvp(step, (w, state, outer), (tw, ts, tx))
 
             primal, tangents[:] = vmap(push, out_dims=(None, 0))(tangents[0], tangents[1], directions)
             return primal
 
-        end = run(solver, problem, inner, outer, inner_batch, advance=advance)
-        gw, gx = outer_grads(problem, end.inner, outer, outer_batch)
+        end = run(solver, oracles, inner, outer, inner_batch, advance=advance)
+        gw, gx = outer_grads(oracles, end.inner, outer, outer_batch)
         jacobian = tangents[0]  # (R, *inner shape) per key
         through_inner = sum((jacobian[k] * g).flatten(1).sum(1) for k, g in gw.items())
-        grad = tree.add(gx, tree.unflatten(through_inner, outer))  # type: ignore[arg-type]
-        return Solution(end.inner, grad, run_info(end, problem.batched))
+        grad = oracles.outer_gradient(tree.add(gx, tree.unflatten(through_inner, outer)))  # type: ignore[arg-type]
+        return Solution(end.inner, grad, run_info(end, oracles.batched))

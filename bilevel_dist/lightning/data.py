@@ -10,6 +10,12 @@ global batch of ``batch_size × world_size`` ids from one shuffled epoch and giv
 ``r``-th chunk. With ``per_sample=True`` the inner stream of rank ``r`` draws only from the rows
 it owns (:func:`bilevel_dist.distributed.shard_rows`), where its per-sample variables live.
 Either way ``shards=N`` in a single process replays the global batches of an ``N``-rank run.
+
+Batches with a problem axis: when the model's lower levels are independent problems (one row per
+task or client, ``BilevelModule(lower_level="batched")``), the items of the inner dataset are
+problems (a task's support set, a client's data) and the outer batch holds the *same* problems
+from the outer dataset (their query sets): ``lower_level="batched"`` makes the outer ids follow
+the inner ones, so a problem's two losses always meet on the rank that holds its row.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bilevel_dist._checks import ConfigError, positive_int, setting
 from bilevel_dist.distributed import Comm, shard_rows
+from bilevel_dist.oracles import Chunks
 
 
 class Samples(Dataset):
@@ -105,10 +112,12 @@ class PairedSteps(Dataset):
         rank: int,
         world: int,
         shards: int,
+        outer_follows_inner: bool = False,
     ) -> None:
         self.inner, self.outer = inner, outer
         self.inner_stream, self.outer_stream = inner_stream, outer_stream
         self.rank, self.world, self.shards = rank, world, shards
+        self.outer_follows_inner = outer_follows_inner
 
     def _ids(self, stream: _Stream, t: int) -> Tensor:
         if self.world > 1:
@@ -118,8 +127,9 @@ class PairedSteps(Dataset):
         return torch.cat([stream.ids(t, r, self.shards) for r in range(self.shards)])
 
     def __getitem__(self, t: int) -> dict[str, dict[str, Tensor]]:
-        inner = fetch(self.inner, self._ids(self.inner_stream, t))
-        outer = fetch(self.outer, self._ids(self.outer_stream, t))
+        ids = self._ids(self.inner_stream, t)
+        inner = fetch(self.inner, ids)
+        outer = fetch(self.outer, ids if self.outer_follows_inner else self._ids(self.outer_stream, t))
         return {"inner": inner, "outer": outer}
 
     def __len__(self) -> int:
@@ -167,6 +177,9 @@ class BilevelDataModule(L.LightningDataModule):
             :class:`BilevelModule` being trained says.
         shards: in one process, replay the global batches of a ``shards``-rank run; default:
             the world size.
+        lower_level: ``"batched"``: items are problems and each outer batch holds the inner
+            batch's problems (module docstring); ``None`` (default): as the model says.
+        chunk_size: samples per chunk of a full pass (SRBA's and VRBO's refresh).
         seed: seed of the sample order.
         num_workers: DataLoader worker processes.
     """
@@ -180,6 +193,8 @@ class BilevelDataModule(L.LightningDataModule):
         shards: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        lower_level: str | None = None,
+        chunk_size: int = 4096,
     ) -> None:
         super().__init__()
         for key, value in (("inner_batch_size", inner_batch_size), ("eval_batch_size", eval_batch_size)):
@@ -196,6 +211,10 @@ class BilevelDataModule(L.LightningDataModule):
             eval_batch_size,
         )
         self.per_sample, self.shards, self.seed, self.num_workers = per_sample, shards, seed, num_workers
+        if lower_level not in (None, "shared", "batched"):
+            raise ConfigError("lower_level", f"lower_level must be 'shared' or 'batched', got {lower_level!r}")
+        self.lower_level = lower_level
+        self.chunk_size = setting("chunk_size", positive_int, chunk_size)
         self._splits: tuple[Dataset, Dataset, Dataset | None] | None = None
 
     def datasets(self) -> tuple[Dataset, Dataset, Dataset | None]:
@@ -227,25 +246,44 @@ class BilevelDataModule(L.LightningDataModule):
             inner_stream = _Stream(pools, self.inner_batch_size, self.seed, split=False)
         else:
             inner_stream = _Stream([torch.arange(n_inner)], self.inner_batch_size * shards, self.seed, split=True)
+        follows = self.lower_level == "batched"  # the outer batch holds the inner batch's problems
+        if follows and n_inner != n_outer:
+            raise ConfigError(
+                "data", f"batched lower levels pair each inner item with one outer item: {n_inner} ≠ {n_outer}"
+            )
         outer_size = self.outer_batch_size * shards if self.outer_batch_size else n_outer
         outer_stream = _Stream([torch.arange(n_outer)], outer_size, self.seed + 1, split=True)
-        for key, stream, n in (
-            ("inner_batch_size", inner_stream, n_inner),
-            ("outer_batch_size", outer_stream, n_outer),
-        ):
+        checked = [("inner_batch_size", inner_stream, n_inner)]
+        for key, stream, n in checked if follows else [*checked, ("outer_batch_size", outer_stream, n_outer)]:
             if stream.steps_per_epoch == 0:
                 raise ConfigError(key, f"{key} × processes exceeds the {n} samples of the dataset")
-        return PairedSteps(inner, outer, inner_stream, outer_stream, rank, world, shards)
+        return PairedSteps(inner, outer, inner_stream, outer_stream, rank, world, shards, follows)
 
-    def full_batches(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """This rank's share of every inner and every outer sample (for full-pass algorithms)."""
+    def full_pass(self, level: str) -> Chunks:
+        """This rank's share of every sample of ``level`` (``"inner"`` or ``"outer"``) as
+        :class:`~bilevel_dist.oracles.Chunks` of at most about ``chunk_size`` samples, weighted by
+        their share; every rank gets as many chunks, so per-chunk reductions pair up."""
         inner, outer, _ = self.splits
         rank, world, _ = self._world()
-        if self.per_sample:
-            inner_ids = shard_rows(len(inner), rank, world)
+        dataset = inner if level == "inner" else outer
+        n = len(dataset)
+        if level == "inner" and self.per_sample:
+            ids = shard_rows(n, rank, world)
         else:
-            inner_ids = torch.arange(len(inner)).tensor_split(world)[rank]
-        return fetch(inner, inner_ids), fetch(outer, torch.arange(len(outer)).tensor_split(world)[rank])
+            ids = torch.arange(n).tensor_split(world)[rank]
+        pieces = max(1, -(-(n // world) // self.chunk_size))
+        return Chunks((fetch(dataset, part), len(part) / len(ids)) for part in ids.tensor_split(pieces))
+
+    def algorithm_data(self, needs: Mapping[str, Any]) -> dict[str, Any]:
+        """What an algorithm declares it needs (``Algorithm.data_needs``): ``n_inner`` and
+        ``n_outer`` (sample counts), ``full_batches`` (a chunked full pass of each level)."""
+        inner, outer, _ = self.splits
+        provided = {"n_inner": lambda: len(inner), "n_outer": lambda: len(outer)}
+        provided["full_batches"] = lambda: (self.full_pass("inner"), self.full_pass("outer"))
+        unknown = sorted(set(needs) - set(provided))
+        if unknown:
+            raise ConfigError("data", f"{type(self).__name__} cannot provide {unknown[0]!r}")
+        return {key: provided[key]() for key in needs}
 
     def train_dataloader(self) -> DataLoader:
         steps = self.paired_steps()

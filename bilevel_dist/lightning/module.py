@@ -4,11 +4,14 @@ A user subclasses it with the two losses and the starting variables; the module 
 :class:`~bilevel_dist.problem.BilevelProblem` and the algorithm named in ``algorithm`` and works
 with ``lightning.Trainer`` unchanged (devices, DDP, precision, ``max_steps``, validation, test).
 
-Distribution goes through :class:`~bilevel_dist.distributed.Comm`, never through DDP's reducer:
-every oracle the algorithm calls is averaged across ranks, leaves named in ``per_sample`` are
-sharded by rows (each rank keeps the rows of the samples it owns) and gathered for checkpoints.
-Replicated variables are the module's parameters, so they are in ``state_dict`` and are
-broadcast from rank 0 when DDP starts.
+Distribution goes through :class:`~bilevel_dist.distributed.Comm`, never through DDP's reducer,
+with the lower level's reduction policy (:mod:`bilevel_dist.oracles`): a ``"shared"`` lower level
+averages every inner oracle across ranks; ``"batched"`` lower levels (one row per sample, task,
+client or image, losses summed over them) make no collective until the outer gradient. Leaves
+named in ``per_sample`` are sharded by rows (each rank keeps the rows of the samples it owns) and
+gathered for checkpoints. Replicated variables are the module's parameters, so they are in
+``state_dict`` and are broadcast from rank 0 when DDP starts. A lower level that starts afresh
+every step (:meth:`BilevelModule.inner_init`) is neither kept nor checkpointed.
 """
 
 from __future__ import annotations
@@ -25,17 +28,14 @@ from torch import Tensor, nn
 from bilevel_dist import algorithms
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.distributed import Comm, local_rows
+from bilevel_dist.metrics import Metrics
+from bilevel_dist.oracles import Chunks
 from bilevel_dist.problem import BilevelProblem, check_tree
 from bilevel_dist.tree import Tree
 
 _LEVELS = ("outer", "inner")
 _PROGRESS_EVERY = 10  # steps between progress-bar updates of the outer loss and throughput
-# what SABA (memory sizes) and SRBA/VRBO (a full pass) take from the data, stood in for until setup
-_DATA_PLACEHOLDERS: dict[str, dict[str, Any]] = {
-    "saba": {"n_inner": 1, "n_outer": 1},
-    "srba": {"full_batches": (None, None)},
-    "vrbo": {"full_batches": (None, None)},
-}
+LOWER_LEVELS = ("shared", "batched")
 
 
 class _StepCounter(torch.optim.Optimizer):
@@ -60,8 +60,11 @@ class BilevelModule(L.LightningModule):
             ``{"name": "soba", "inner_lr": 0.1}``.
         per_sample: names of variables with one row per training sample (or task) that are
             sharded across ranks; their losses index them with the batch's ``"index"``.
-        inner_loss, outer_loss, variables: the two losses and ``() -> (outer, inner)``, to
-            build a module from callables instead of a subclass.
+        lower_level: ``"shared"`` (one lower-level problem over every rank's data, losses are
+            means) or ``"batched"`` (independent problems, one row each, losses are sums over
+            them: see :mod:`bilevel_dist.oracles`).
+        inner_loss, outer_loss, variables, inner_init: the two losses, ``() -> (outer, inner)``
+            and :meth:`inner_init`, to build a module from callables instead of a subclass.
     """
 
     #: what :meth:`validation_step` logs: the metrics a sweep may rank trials by
@@ -71,24 +74,34 @@ class BilevelModule(L.LightningModule):
         self,
         algorithm: dict[str, Any] | None = None,
         per_sample: Iterable[str] = (),
+        lower_level: str = "shared",
         *,
         inner_loss: Callable[[Tree, Tree, Any], Tensor] | None = None,
         outer_loss: Callable[[Tree, Tree, Any], Tensor] | None = None,
         variables: Callable[[], tuple[Tree, Tree]] | None = None,
+        inner_init: Callable[[Tree, Any], Tree] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         # callables instead of a subclass: BilevelModule(inner_loss=g, outer_loss=f, variables=init)
-        for attribute, given in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
+        for attribute, given in (("inner_loss", inner_loss), ("outer_loss", outer_loss), ("inner_init", inner_init)):
             if given is not None:
                 setattr(self, attribute, given)
         if variables is not None:
             self.configure_variables = variables
+        if lower_level not in LOWER_LEVELS:
+            raise ConfigError("lower_level", f"lower_level must be one of {list(LOWER_LEVELS)}, got {lower_level!r}")
+        self.lower_level = lower_level
+        # a lower level that starts afresh every step: the hook is overridden or given
+        self.episodic = inner_init is not None or type(self).inner_init is not BilevelModule.inner_init
         spec = dict(algorithm or {})
         name = spec.pop("name", "aid")
         self.comm = Comm(sharded=per_sample)
         self.algorithm_name, self._spec = name, spec
-        self.algorithm = self._make_algorithm(_DATA_PLACEHOLDERS.get(name, {}))  # checks the settings now
+        needs = algorithms.REGISTRY[name].data_needs if name in algorithms.REGISTRY else {}
+        self.algorithm = self._make_algorithm(needs)  # checks the settings now, data stood in for
+        if self.episodic and not self.algorithm.episodic:
+            raise ConfigError("algorithm.name", f"{name} needs persistent inner variables, not an inner_init")
         self._state: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
         self._rows: dict[str, int] = {}
@@ -107,11 +120,18 @@ class BilevelModule(L.LightningModule):
         """The upper-level loss ``f`` on one batch."""
         raise NotImplementedError
 
+    def inner_init(self, outer: Tree, batch: Any) -> Tree:
+        """The starting inner variables of this step's lower level, for one that starts afresh
+        every step (new tasks, clients or images: episodic); define it and
+        :meth:`configure_variables` may return an empty inner tree. Its variables live for one
+        step and are not checkpointed."""
+        raise NotImplementedError
+
     # -- variables and state -----------------------------------------------------------------
     @property
     def problem(self) -> BilevelProblem:
         """The bilevel problem made of this module's two losses."""
-        return BilevelProblem(self.inner_loss, self.outer_loss)
+        return BilevelProblem(self.inner_loss, self.outer_loss, batched=self.lower_level == "batched")
 
     @property
     def state(self) -> dict[str, Any]:
@@ -146,7 +166,8 @@ class BilevelModule(L.LightningModule):
             return
         outer, inner = self.configure_variables()
         for level, tree in zip(_LEVELS, (outer, inner), strict=True):
-            check_tree(tree, f"configure_variables() {level}")
+            if not (level == "inner" and self.episodic and tree == {}):
+                check_tree(tree, f"configure_variables() {level}")
         trees = {"outer": outer, "inner": inner}
         unknown = sorted(self.comm.sharded - set(outer) - set(inner))
         if unknown:
@@ -182,32 +203,39 @@ class BilevelModule(L.LightningModule):
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if data is not None and hasattr(data, "per_sample"):
             sharded = bool(self._rows)
-            if data.per_sample is None:
-                data.per_sample = sharded  # each rank must draw the samples whose rows it holds
-            elif data.per_sample != sharded:
-                raise ConfigError(
-                    "data.init_args.per_sample",
-                    f"per_sample={data.per_sample} but the model {'shards' if sharded else 'has no'} per-sample "
-                    "variables; leave it unset to follow the model",
-                )
-        if self.algorithm_name in _DATA_PLACEHOLDERS and self._trainer is not None:
-            self.algorithm = self._make_algorithm(self._data_settings())
+            stated = {
+                "per_sample": (sharded, f"the model {'shards' if sharded else 'has no'} per-sample variables"),
+                "lower_level": (self.lower_level, f"the model's lower level is {self.lower_level!r}"),
+            }
+            for key, (model_says, why) in stated.items():
+                if getattr(data, key) is None:  # e.g. each rank must draw the samples whose rows it holds
+                    setattr(data, key, model_says)
+                elif getattr(data, key) != model_says:
+                    raise ConfigError(
+                        f"data.init_args.{key}",
+                        f"{key}={getattr(data, key)!r} but {why}; leave it unset to follow the model",
+                    )
+        needs = self.algorithm.data_needs
+        if needs and self._trainer is not None:
+            self.algorithm = self._make_algorithm(self._algorithm_data(data, needs))
 
-    def _data_settings(self) -> dict[str, Any]:
-        """SABA's memory sizes or SRBA/VRBO's full batches, from the trainer's data module."""
-        data = getattr(self.trainer, "datamodule", None)
-        if data is None or not hasattr(data, "full_batches"):
-            raise ConfigError("algorithm.name", f"{self.algorithm_name} needs a BilevelDataModule for its full pass")
-        # as the training loop would hand them over: on the device, in the precision's dtype
-        inner, outer = (
-            self.trainer.precision_plugin.convert_input(self.trainer.strategy.batch_to_device(batch))
-            for batch in data.full_batches()
-        )
-        if self.algorithm_name == "saba":
-            if self.comm.world_size > 1:
-                raise ConfigError("algorithm.name", "saba keeps per-sample memory on one process: run it on 1 device")
-            return {"n_inner": len(inner["index"]), "n_outer": len(outer["index"])}
-        return {"full_batches": (self.localize(inner), outer)}
+    def _algorithm_data(self, data: Any, needs: dict[str, Any]) -> dict[str, Any]:
+        """What the algorithm declares it needs (``data_needs``), from the trainer's data module,
+        batches as the training loop would hand them over: on the device, in the precision's dtype."""
+        if data is None or not hasattr(data, "algorithm_data"):
+            raise ConfigError("algorithm.name", f"{self.algorithm_name} needs a BilevelDataModule: {sorted(needs)}")
+        strategy, precision = self.trainer.strategy, self.trainer.precision_plugin
+
+        def move(batch: Any, level: str) -> Any:
+            return self.localize(precision.convert_input(strategy.batch_to_device(batch)), level)
+
+        provided = data.algorithm_data(needs)
+        if "full_batches" in provided:
+            provided["full_batches"] = tuple(
+                Chunks((move(batch, level), weight) for batch, weight in chunks)
+                for level, chunks in zip(_LEVELS[::-1], provided["full_batches"], strict=True)
+            )
+        return provided
 
     def _sync_state(self) -> None:
         """Makes the algorithm state agree with the parameters (after a device or dtype move, or
@@ -258,10 +286,11 @@ class BilevelModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._sync_state()
 
-    def localize(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def localize(self, batch: dict[str, Tensor], level: str = "inner") -> dict[str, Tensor]:
         """The batch with ``"index"`` pointing at this rank's rows of the per-sample variables
-        (the global ids stay under ``"id"``)."""
-        if not self._rows or "index" not in batch:
+        (the global ids stay under ``"id"``). Outer batches index rows only when the lower levels
+        are batched (their items are the inner batch's problems)."""
+        if not self._rows or "index" not in batch or (level == "outer" and self.lower_level != "batched"):
             return batch
         ids = batch["index"]
         return {**batch, "id": ids, "index": local_rows(ids, self.comm.world_size)}
@@ -272,27 +301,35 @@ class BilevelModule(L.LightningModule):
         start = time.perf_counter()
         if self._state is None:
             self._sync_state()
-        inner_batch, outer_batch = self.localize(batch["inner"]), batch["outer"]
-        state, metrics = self.algorithm.step(self._state, inner_batch, outer_batch)
+        inner_batch, outer_batch = self.localize(batch["inner"]), self.localize(batch["outer"], "outer")
+        state = self._state
+        if self.episodic:
+            state = self.algorithm.restart(state, self.inner_init(state["outer"], inner_batch))
+        state, metrics = self.algorithm.step(state, inner_batch, outer_batch)
         self._state = state
         self._mirror()
         self.optimizers().step()
+        log_now = self.global_step % self.trainer.log_every_n_steps == 0
+        show_now = (self.global_step - 1) % _PROGRESS_EVERY == 0
+        now = time.perf_counter()
+        elapsed = now - (self._last_step_end or start)
+        self._last_step_end = now
+        if not (log_now or show_now):  # metrics are computed (and reduced) only when shown
+            return
         with torch.no_grad():
             losses = {
                 "inner_loss": self.inner_loss(state["inner"], state["outer"], inner_batch).detach(),
                 "outer_loss": self.outer_loss(state["inner"], state["outer"], outer_batch).detach(),
             }
             losses = self.comm.mean({k: v.reshape(1).to(torch.float64) for k, v in losses.items()})
-        now = time.perf_counter()
-        elapsed = now - (self._last_step_end or start)
-        self._last_step_end = now
         size = _batch_size(batch["inner"]) * self.comm.world_size
-        logged = {**{k: float(v) for k, v in losses.items()}, **metrics, "samples_per_sec": size / elapsed}
+        logged = {**{k: float(v) for k, v in losses.items()}, "samples_per_sec": size / elapsed}
         # straight to the loggers, one row per step (self.log would cost ~0.35 ms per key)
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        if log_now:
+            logged |= Metrics(metrics).floats()
             for logger in self.loggers:
                 logger.log_metrics(logged, step=self.global_step - 1)
-        if (self.global_step - 1) % _PROGRESS_EVERY == 0:  # self.log costs ~0.35 ms per key
+        if show_now:  # self.log costs ~0.35 ms per key
             shown = {k: logged[k] for k in ("outer_loss", "samples_per_sec")}
             self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=size)
 
@@ -319,7 +356,9 @@ class BilevelModule(L.LightningModule):
         state = self.state
         # replicated variables are in state_dict; per-sample rows are gathered from every rank
         parts = {level: {k: v for k, v in state[level].items() if k in self._rows} for level in _LEVELS}
-        parts["buffers"] = {k: v for k, v in state.items() if k not in _LEVELS}
+        # a lower level that starts afresh every step is not kept: only persistent rows and buffers
+        transient = set(self.algorithm.inner_keys) if self.episodic else set()
+        parts["buffers"] = {k: v for k, v in state.items() if k not in _LEVELS and k not in transient}
         saved = _map_sharded(parts, self.comm.sharded, self._gather)
         checkpoint["bilevel"] = {"algorithm": self.algorithm_name, **saved, "rng": torch.get_rng_state()}
 

@@ -30,11 +30,12 @@ class NaivePenalty(Penalty):
 
     name = "naive_penalty"
 
-    def gradients(self, state, w, x, inner_batch, outer_batch):
-        lin = linearize(self.problem.inner_loss, w, x, inner_batch)
+    def gradients(self, state, w, x, inner_batch, outer_batch, outer=True):
+        lin = linearize(self.problem.inner_loss, w, x, inner_batch, joint=True)
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         hv, jv = lin.both(tree.scale(lin.grad, state["gamma"]))
-        return tree.add(fw, self.comm.mean(hv)), tree.add(fx, self.comm.mean(jv)), self.comm.mean(lin.grad)
+        dx = self.oracles.outer_gradient(tree.add(fx, jv))
+        return tree.add(fw, self.comm.mean(hv)), dx, self.comm.mean(lin.grad)
 
 
 class Record(L.Callback):

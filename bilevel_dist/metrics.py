@@ -1,0 +1,57 @@
+"""``Metrics``: step diagnostics that are computed only when read.
+
+A norm may need a collective (a sharded tree) and turning a tensor into a float waits for the
+device, so an algorithm hands back zero-argument callables and tensors; the engine reads them on
+logging steps only, on every rank at once, and everything else is dropped unevaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor
+
+
+class Metrics(Mapping[str, Any]):
+    """A read-only mapping whose values may be deferred: a callable is evaluated on first read
+    (and kept), so ``float(metrics["hypergrad_norm"])`` works as on a dict."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None, **more: Any) -> None:
+        self._values: dict[str, Any] = {**(values._values if isinstance(values, Metrics) else values or {}), **more}
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        if callable(value):
+            value = self._values[key] = value()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __or__(self, other: Mapping[str, Any]) -> Metrics:
+        more = other._values if isinstance(other, Metrics) else other
+        return Metrics({**self._values, **more})
+
+    def floats(self) -> dict[str, float]:
+        """Every value as a Python float (evaluating the deferred ones; per-problem tensors are
+        averaged)."""
+        return {k: _as_float(self[k]) for k in self._values}
+
+    def __repr__(self) -> str:
+        shown = {k: ("<deferred>" if callable(v) else v) for k, v in self._values.items()}
+        return f"Metrics({shown})"
+
+
+def deferred(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``fn(*args)``, later."""
+    return lambda: fn(*args)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, Tensor):
+        return float(value.detach().float().mean()) if value.numel() != 1 else float(value.detach())
+    return float(value)
