@@ -136,9 +136,9 @@ def processes(setup: str, devices: int) -> dict:
 def task_problem(tasks: int, dim: int = 32, samples: int = 20):
     """Per-task ridge heads around a shared centre, independent lower levels (``batched=True``:
     the losses are sums over tasks); ``batch["index"]`` are the tasks solved."""
-    gen = torch.Generator().manual_seed(0)
-    a, c = torch.randn(tasks, samples, dim, generator=gen), torch.randn(tasks, samples, dim, generator=gen)
-    b, e = torch.randn(tasks, samples, generator=gen), torch.randn(tasks, samples, generator=gen)
+    gen, f64 = torch.Generator().manual_seed(0), torch.float64  # float64: agreement to rounding is visible
+    a, c = (torch.randn(tasks, samples, dim, generator=gen, dtype=f64) for _ in range(2))
+    b, e = (torch.randn(tasks, samples, generator=gen, dtype=f64) for _ in range(2))
 
     def inner(w, x, batch):
         t = batch["index"]
@@ -158,10 +158,10 @@ def batched_vs_looped(tasks: int = 64, steps: int = 20) -> dict:
     problem, dim = task_problem(tasks)
     hp = {"inner_steps": 10, "linear_iters": 10, "inner_lr": 0.1, "outer_lr": 0.01}
     aid = algorithms.get("aid", problem=problem, **hp)
-    x0 = {"x": torch.zeros(dim)}
+    x0 = {"x": torch.zeros(dim, dtype=torch.float64)}
 
     def batched():
-        state = aid.init(x0, {"w": torch.zeros(tasks, dim)})
+        state = aid.init(x0, {"w": torch.zeros(tasks, dim, dtype=torch.float64)})
         batch = {"index": torch.arange(tasks)}
         for _ in range(steps):
             state, _ = aid.step(state, batch, batch)
@@ -169,9 +169,9 @@ def batched_vs_looped(tasks: int = 64, steps: int = 20) -> dict:
 
     def looped():  # the same method, one task's lower level at a time, outer steps summed
         x = x0["x"].clone()
-        heads = [torch.zeros(1, dim) for _ in range(tasks)]
+        heads = [torch.zeros(1, dim, dtype=torch.float64) for _ in range(tasks)]
         for _ in range(steps):
-            step = torch.zeros(dim)
+            step = torch.zeros(dim, dtype=torch.float64)
             for t in range(tasks):
                 state = aid.init({"x": x}, {"w": heads[t]})
                 state, _ = aid.step(state, {"index": torch.tensor([t])}, {"index": torch.tensor([t])})

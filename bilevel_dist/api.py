@@ -38,8 +38,9 @@ def solve(
         inner_batch: passed to ``inner_loss`` as its ``batch``.
         outer_batch: passed to ``outer_loss`` as its ``batch``.
         check: validate the inputs first (two extra loss evaluations); turn off in hot loops.
-        comm: the ranks this problem's batches are split over (default: every rank of an
-            initialised process group, else none); the returned hypergradient is the global one.
+        comm: the ranks this problem's batches are split over, e.g. ``Comm()`` for every rank
+            of the process group (default: this process alone); the returned hypergradient is
+            then the global one.
 
     Returns:
         :class:`Solution` with ``.inner`` (solution reached), ``.grad`` (shaped like ``outer``)
@@ -53,7 +54,7 @@ def solve(
     if check:
         check_problem(problem, outer, inner, inner_batch, outer_batch)
     start = time.perf_counter()
-    solution = hypergrad(Oracles(problem, comm), outer, inner, solver, inner_batch, outer_batch)
+    solution = hypergrad(Oracles(problem, comm or Comm(local=True)), outer, inner, solver, inner_batch, outer_batch)
     solution.info |= {"seconds": time.perf_counter() - start}
     bad = [k for k, g in solution.grad.items() if not bool(torch.isfinite(g).all())]
     if bad:

@@ -34,14 +34,17 @@ def local_rows(ids: Tensor, world_size: int) -> Tensor:
 class Comm:
     """Rank, world size and reductions of trees over a process group (default: the world)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, sharded: Iterable[str] = ()) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, sharded: Iterable[str] = (), local: bool = False
+    ) -> None:
         self.group = group
         self.sharded = frozenset(sharded)
+        self.local = local  # this process alone, even inside a process group
 
     @property
     def active(self) -> bool:
         """Whether there is more than one rank to reduce over."""
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+        return not self.local and dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
 
     @property
     def rank(self) -> int:

@@ -36,6 +36,10 @@ class Metrics(Mapping[str, Any]):
         more = other._values if isinstance(other, Metrics) else other
         return Metrics({**self._values, **more})
 
+    def select(self, *keys: str) -> Metrics:
+        """The entries named in ``keys`` that are present, still unevaluated."""
+        return Metrics({k: self._values[k] for k in keys if k in self._values})
+
     def floats(self) -> dict[str, float]:
         """Every value as a Python float (evaluating the deferred ones; per-problem tensors are
         averaged)."""

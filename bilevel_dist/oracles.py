@@ -60,8 +60,9 @@ class Oracles:
 
     @classmethod
     def of(cls, problem: BilevelProblem | Oracles) -> Oracles:
-        """``problem``'s oracles (itself when it already is one: its counts and ``Comm`` go on)."""
-        return problem if isinstance(problem, Oracles) else cls(problem)
+        """``problem``'s oracles (itself when it already is one: its counts and ``Comm`` go on);
+        a bare problem is evaluated on this process alone."""
+        return problem if isinstance(problem, Oracles) else cls(problem, Comm(local=True))
 
     # -- reductions --------------------------------------------------------------------------
     def reduce_inner(self, t: Tree) -> Tree:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bilevel_dist import hypergrad
-from bilevel_dist.algorithms.base import Algorithm, State, choice, count, decayed, descend, fraction, lr
+from bilevel_dist.algorithms.base import Algorithm, State, choice, count, decayed, descend, fraction, lr, zeros
 from bilevel_dist.hypergrad.base import Estimator, Solution
 from bilevel_dist.metrics import Metrics
 from bilevel_dist.solvers import GD
@@ -41,14 +41,8 @@ class DoubleLoop(Algorithm):
         step = decayed(self.h["outer_lr"], t, self.h.get("outer_decay", 0.0) or 0.0)
         d = solution.grad
         state = {**state, "outer": descend(state["outer"], d, step), "inner": solution.inner, "t": t + 1}
-        info = solution.info
-        metrics = (
-            Metrics(hypergrad_norm=self.norm(d), outer_lr=step, inner_grad_norm=lambda: info["inner_grad_norm"])
-            | metrics
-        )
-        if "linear_residual" in info:
-            metrics |= {"linear_residual": lambda: info["linear_residual"]}
-        return state, metrics
+        shown = solution.info.select("inner_grad_norm", "linear_residual")
+        return state, Metrics(hypergrad_norm=self.norm(d), outer_lr=step) | shown | metrics
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         return self.outer_update(state, self.solve(state, inner_batch, outer_batch), Metrics())
@@ -58,20 +52,19 @@ class DoubleLoop(Algorithm):
         raise NotImplementedError
 
     def cost(self, t: int) -> dict[str, int]:
-        return {
-            "inner_grad": self.h["inner_steps"],
-            "linearize": 1,
-            "hvp": self.linear_cost(),
-            "mixed": 1,
-            "outer_grad": 1,
-        }
+        steps, products = self.h["inner_steps"], self.linear_cost()
+        return {"inner_grad": steps, "linearize": 1, "hvp": products, "mixed": 1, "outer_grad": 1}
 
 
-_AID = {
+# what every double-loop method takes: the inner GD run and the outer step
+_LOOP = {
     "inner_lr": (0.1, lr),
     "inner_steps": (10, count),
     "outer_lr": (0.01, lr),
     "outer_decay": (0.0, fraction),
+}
+_AID = {
+    **_LOOP,
     "linear_solver": ("cg", choice("cg", "neumann")),
     "linear_iters": (10, count),
     "linear_lr": (None, lr),
@@ -116,17 +109,10 @@ class AmIGO(DoubleLoop):
 
     name = "amigo"
     inner_keys = ("inner", "v")
-    hparams = {
-        "inner_lr": (0.1, lr),
-        "inner_steps": (10, count),
-        "outer_lr": (0.01, lr),
-        "outer_decay": (0.0, fraction),
-        "linear_lr": (None, lr),
-        "linear_iters": (10, count),
-    }
+    hparams = {**_LOOP, "linear_lr": (None, lr), "linear_iters": (10, count)}
 
     def init(self, outer: Tree, inner: Tree) -> State:
-        return {**super().init(outer, inner), "v": {k: v.detach().new_zeros(v.shape) for k, v in inner.items()}}
+        return {**super().init(outer, inner), "v": zeros(inner)}
 
     def estimator(self, state: State) -> Estimator:
         return hypergrad.GradientDescent(iters=self.h["linear_iters"], alpha=self.h["linear_lr"] or self.h["inner_lr"])
@@ -152,10 +138,7 @@ class BSA(DoubleLoop):
 
     name = "bsa"
     hparams = {
-        "inner_lr": (0.1, lr),
-        "inner_steps": (10, count),
-        "outer_lr": (0.01, lr),
-        "outer_decay": (0.0, fraction),
+        **_LOOP,
         "neumann_terms": (10, count),
         "truncation_samples": (1, count),
         "linear_lr": (None, lr),
@@ -230,12 +213,7 @@ class ITD(DoubleLoop):
     """
 
     name = "itd"
-    hparams = {
-        "inner_lr": (0.1, lr),
-        "inner_steps": (10, count),
-        "outer_lr": (0.01, lr),
-        "outer_decay": (0.0, fraction),
-    }
+    hparams = _LOOP
 
     def estimator(self, state: State) -> Estimator:
         return hypergrad.Reverse()

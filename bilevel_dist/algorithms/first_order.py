@@ -40,6 +40,10 @@ class Penalty(Algorithm):
     rule ``0.5 / (2 + 2s + 4γs²)``, since ``f̃``'s curvature grows like ``γ``).
 
     Across ranks ``∇_w g`` is averaged before it enters the square (``f + γ⟨∇_w g_r, mean⟩``).
+
+
+    Cost per step: ``inner_steps + 1`` linearisations, Hessian-vector products and outer
+    gradients, one mixed product.
     """
 
     name = "penalty"
@@ -118,7 +122,10 @@ class Penalty(Algorithm):
 
 class BOME(Algorithm):
     """BOME: with ``q(x, w) = g(x, w) − g(x, ŵ)`` (``ŵ``: ``inner_steps`` GD steps from ``w``),
-    step ``(x, w)`` along ``∇f + λ∇q``, ``λ = max(η‖∇q‖² − ⟨∇f, ∇q⟩, 0) / ‖∇q‖²``."""
+    step ``(x, w)`` along ``∇f + λ∇q``, ``λ = max(η‖∇q‖² − ⟨∇f, ∇q⟩, 0) / ‖∇q‖²``.
+
+    Cost per step: ``inner_steps + 2`` inner gradients, one outer gradient.
+    """
 
     name = "bome"
     hparams = {
@@ -147,13 +154,16 @@ class BOME(Algorithm):
         dw, dx = tree.axpy(lam, qw, fw), tree.axpy(lam, qx, fx)
         step = decayed(self.h["outer_lr"], state["t"], self.h["outer_decay"])
         state = {**state, "inner": descend(w, dw, step), "outer": descend(x, dx, step), "t": state["t"] + 1}
-        return state, Metrics({"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(gw), "bome_lambda": lam})
+        return state, Metrics(hypergrad_norm=self.norm(dx), inner_grad_norm=self.norm(gw), bome_lambda=lam)
 
 
 class F2SA(Algorithm):
     """F2SA: ``z`` tracks ``argmin g``, ``y`` tracks ``argmin f + λg``; the outer direction is
     ``∇_x f(x, y) + λ(∇_x g(x, y) − ∇_x g(x, z))`` and ``λ`` grows by ``lam_growth`` per step up to
-    ``lam_max``. ``state["inner"]`` is ``z``; the ``y`` step is scaled by ``1/λ`` to stay stable."""
+    ``lam_max``. ``state["inner"]`` is ``z``; the ``y`` step is scaled by ``1/λ`` to stay stable.
+
+    Cost per step: ``2·inner_steps + 2`` inner gradients, ``inner_steps + 1`` outer gradients.
+    """
 
     name = "f2sa"
     inner_keys = ("inner", "y")
@@ -193,4 +203,4 @@ class F2SA(Algorithm):
             "lam": min(lam + self.h["lam_growth"], self.h["lam_max"]),
             "t": state["t"] + 1,
         }
-        return state, Metrics({"hypergrad_norm": self.norm(d), "f2sa_lambda": lam})
+        return state, Metrics(hypergrad_norm=self.norm(d), f2sa_lambda=lam)

@@ -60,6 +60,10 @@ class SingleLoop(Algorithm):
         v = neumann(lin.hvp, fw, iters=self.h["neumann_terms"], alpha=alpha, batched=self.oracles.batched).solution
         return lin.grad, self.oracles.outer_gradient(hypergradient(fx, lin.mixed(v)))
 
+    def soba_metrics(self, dw: Tree, dv: Tree, dx: Tree) -> Metrics:
+        """The norms of SOBA's three directions."""
+        return Metrics(hypergrad_norm=self.norm(dx), inner_grad_norm=self.norm(dw), linear_residual=self.norm(dv))
+
     def soba_cost(self, times: int = 1) -> dict[str, int]:
         """What ``times`` calls of :meth:`soba_directions` cost."""
         return {"linearize": times, "hvp": times, "mixed": times, "outer_grad": times}
@@ -72,7 +76,10 @@ class SingleLoop(Algorithm):
 
 class SOBA(SingleLoop):
     """SOBA: ``w ← w − ρ∇_w g``, ``v ← v − ρ(Hv − ∇_w f)``, ``x ← x − γ(∇_x f − Jv)``, all
-    directions at the current point (Dagréou et al. 2022, Alg. 1)."""
+    directions at the current point (Dagréou et al. 2022, Alg. 1).
+
+    Cost per step: one linearisation, one joint ``(H v, J v)`` product, one outer gradient.
+    """
 
     name = "soba"
     inner_keys = ("inner", "v")
@@ -90,18 +97,15 @@ class SOBA(SingleLoop):
         dw, dv, dx = self.soba_directions(w, v, x, inner_batch, outer_batch)
         state = {**state, "inner": descend(w, dw, rho), "v": descend(v, dv, rho), "outer": descend(x, dx, gamma)}
         state["t"] = t + 1
-        return state, Metrics(
-            {
-                "hypergrad_norm": self.norm(dx),
-                "inner_grad_norm": self.norm(dw),
-                "linear_residual": self.norm(dv),
-            }
-        )
+        return state, self.soba_metrics(dw, dv, dx)
 
 
 class FSLA(SOBA):
     """FSLA: SOBA's ``w`` and ``v`` steps with a STORM-corrected outer direction
-    ``d_t = D(z_t) + (1 − η)(d_{t−1} − D(z_{t−1}))`` on the same batch (Li et al. 2022)."""
+    ``d_t = D(z_t) + (1 − η)(d_{t−1} − D(z_{t−1}))`` on the same batch (Li et al. 2022).
+
+    Cost per step: SOBA's, twice from the second step on (the correction at the previous point).
+    """
 
     name = "fsla"
     episodic = False
@@ -131,13 +135,7 @@ class FSLA(SOBA):
             "outer": descend(x, dx, gamma),
             "t": t + 1,
         }
-        return state, Metrics(
-            {
-                "hypergrad_norm": self.norm(dx),
-                "inner_grad_norm": self.norm(dw),
-                "linear_residual": self.norm(dv),
-            }
-        )
+        return state, self.soba_metrics(dw, dv, dx)
 
 
 _NEUMANN = {**_STEPS, "neumann_terms": (10, count), "linear_lr": (None, lr)}
@@ -145,7 +143,11 @@ _NEUMANN = {**_STEPS, "neumann_terms": (10, count), "linear_lr": (None, lr)}
 
 class TTSA(SingleLoop):
     """TTSA: one inner step and one outer step on the Neumann estimate per iteration, with
-    two time scales ``ρ_t ∝ t^-2/5``, ``γ_t ∝ t^-3/5`` (Hong et al. 2023)."""
+    two time scales ``ρ_t ∝ t^-2/5``, ``γ_t ∝ t^-3/5`` (Hong et al. 2023).
+
+    Cost per step: one linearisation, ``neumann_terms − 1`` Hessian-vector products, one mixed
+    product, one outer gradient.
+    """
 
     name = "ttsa"
     hparams = {**_NEUMANN, "inner_decay": (0.4, fraction), "outer_decay": (0.6, fraction)}
@@ -158,13 +160,16 @@ class TTSA(SingleLoop):
         rho, gamma = self.rates(t)
         dw, dx = self.neumann_directions(w, x, inner_batch, outer_batch)
         state = {**state, "inner": descend(w, dw, rho), "outer": descend(x, dx, gamma), "t": t + 1}
-        return state, Metrics({"hypergrad_norm": self.norm(dx), "inner_grad_norm": self.norm(dw)})
+        return state, Metrics(hypergrad_norm=self.norm(dx), inner_grad_norm=self.norm(dw))
 
 
 class MRBO(SingleLoop):
     """MRBO: momentum-recursive (STORM) estimates of ``∇_w g`` and of the Neumann hypergradient,
     ``u_t = D(z_t) + (1 − η_t)(u_{t−1} − D(z_{t−1}))`` with ``η_t = momentum / (t+1)^momentum_decay``
-    (Yang et al. 2021)."""
+    (Yang et al. 2021).
+
+    Cost per step: TTSA's, twice from the second step on.
+    """
 
     name = "mrbo"
     episodic = False
@@ -196,12 +201,15 @@ class MRBO(SingleLoop):
         new_x = descend(x, d, gamma)
         new_w = descend(w, u, rho)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "inner": new_w, "outer": new_x, "t": t + 1}
-        return state, Metrics({"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)})
+        return state, Metrics(hypergrad_norm=self.norm(d), inner_grad_norm=self.norm(u))
 
 
 class SUSTAIN(MRBO):
     """SUSTAIN: the same double-momentum (STORM) estimates with a fixed momentum; the inner
-    estimate is refreshed at the new outer point before the inner step (Khanduri et al. 2021)."""
+    estimate is refreshed at the new outer point before the inner step (Khanduri et al. 2021).
+
+    Cost per step: MRBO's plus one inner gradient, twice from the second step on.
+    """
 
     name = "sustain"
     hparams = {**_NEUMANN, "momentum": (0.5, fraction), "momentum_decay": (0.0, fraction)}
@@ -225,4 +233,4 @@ class SUSTAIN(MRBO):
             u = tree.axpy(keep, tree.sub(state["u"], old_u), u)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "t": t + 1}
         state["inner"], state["outer"] = descend(w, u, rho), new_x
-        return state, Metrics({"hypergrad_norm": self.norm(d), "inner_grad_norm": self.norm(u)})
+        return state, Metrics(hypergrad_norm=self.norm(d), inner_grad_norm=self.norm(u))

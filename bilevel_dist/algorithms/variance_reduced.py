@@ -36,7 +36,10 @@ def _stack(t: Tree, n: int) -> Tree:
 class SABA(SingleLoop):
     """SABA: SOBA's directions with SAGA variance reduction. Per sample it remembers the last
     ``∇_w g_i``, ``H_i v``, ``J_i v`` (inner samples) and ``∇_w f_j``, ``∇_x f_j`` (outer samples);
-    each estimate is ``mean(new) − mean(old at the batch) + mean(memory)``."""
+    each estimate is ``mean(new) − mean(old at the batch) + mean(memory)``.
+
+    Cost per step: SOBA's, each oracle per sample of the batch in one vectorised call.
+    """
 
     name = "saba"
     hparams = {**_STEPS, "n_inner": (None, count), "n_outer": (None, count)}
@@ -105,13 +108,7 @@ class SABA(SingleLoop):
             "memory_mean": means,
             "t": t + 1,
         }
-        return state, Metrics(
-            {
-                "hypergrad_norm": self.norm(dx),
-                "inner_grad_norm": self.norm(dw),
-                "linear_residual": self.norm(dv),
-            }
-        )
+        return state, self.soba_metrics(dw, dv, dx)
 
 
 def _mean0(t: Tree) -> Tree:
@@ -145,7 +142,10 @@ class _Recursive(SingleLoop):
 
 class SRBA(_Recursive):
     """SRBA: SOBA's three directions estimated by SARAH recursion with a full pass every
-    ``period`` iterations, fixed steps (Dagréou et al. 2023)."""
+    ``period`` iterations, fixed steps (Dagréou et al. 2023).
+
+    Cost per step: SOBA's twice (new and previous point), once on a full-pass step.
+    """
 
     name = "srba"
     hparams = {**_STEPS, "period": (32, count)}
@@ -182,13 +182,16 @@ class SRBA(_Recursive):
             "outer": descend(point["outer"], est["x"], gamma),
             "t": t + 1,
         }
-        return state, Metrics({"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(est["w"])})
+        return state, Metrics(hypergrad_norm=self.norm(est["x"]), inner_grad_norm=self.norm(est["w"]))
 
 
 class VRBO(_Recursive):
     """VRBO: SARAH/SPIDER estimates of ``∇_w g`` and of the Neumann hypergradient, a full pass
     every ``period`` iterations, and ``inner_steps`` recursive inner steps per outer step
-    (Yang et al. 2021)."""
+    (Yang et al. 2021).
+
+    Cost per step: TTSA's twice (once on a full-pass step) and ``2·inner_steps`` inner gradients.
+    """
 
     name = "vrbo"
     hparams = {**_NEUMANN, "period": (32, count), "inner_steps": (1, count)}
@@ -222,7 +225,7 @@ class VRBO(_Recursive):
             old_w, old_x = w, x
         # The stored estimate stays the one at ``point``: the next recursion differences from there.
         state = {**state, "prev": point, "estimate": est, "inner": w, "outer": x, "t": t + 1}
-        return state, Metrics({"hypergrad_norm": self.norm(est["x"]), "inner_grad_norm": self.norm(u)})
+        return state, Metrics(hypergrad_norm=self.norm(est["x"]), inner_grad_norm=self.norm(u))
 
 
 __all__ = ["SABA", "SRBA", "VRBO"]

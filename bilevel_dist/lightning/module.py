@@ -344,12 +344,27 @@ class BilevelModule(L.LightningModule):
         self._sync_state()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss = self.outer_loss(self.inner, self.outer, batch)
-        self.log("val_outer_loss", loss, sync_dist=True, batch_size=_batch_size(batch))
+        self._log_outer_loss("val_outer_loss", batch)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._log_outer_loss("test_outer_loss", batch)
+
+    def _log_outer_loss(self, name: str, batch: dict[str, Tensor]) -> None:
+        """The outer loss of the learned variables on an evaluation batch. Batched lower levels:
+        each rank scores the problems whose rows it holds (Lightning's distributed sampler deals
+        them out as the rows are sharded; its padding repeats are dropped), per problem."""
+        if self.episodic:
+            raise NotImplementedError(
+                f"{type(self).__name__}: a lower level that starts afresh every step has to be solved on the "
+                "evaluation problems first; override validation_step/test_step"
+            )
+        batched = self.lower_level == "batched"
+        if batched and self._rows and "index" in batch:
+            own = batch["index"] % self.comm.world_size == self.comm.rank
+            batch = self.localize({k: v[own] for k, v in batch.items()}, "outer")
+        size = _batch_size(batch)
         loss = self.outer_loss(self.inner, self.outer, batch)
-        self.log("test_outer_loss", loss, sync_dist=True, batch_size=_batch_size(batch))
+        self.log(name, loss / size if batched else loss, sync_dist=True, batch_size=size)
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

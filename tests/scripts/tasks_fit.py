@@ -79,14 +79,16 @@ class Record(L.Callback):
         self.steps.append(step)
 
 
-def trainer(devices: int, steps: int = STEPS, callbacks=(), root=None) -> L.Trainer:
+def trainer(devices: int, steps: int = STEPS, callbacks=(), root=None, validate=False) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         precision="64-true",
         max_steps=steps,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if validate else 0,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
         logger=False,
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
@@ -99,7 +101,10 @@ def trainer(devices: int, steps: int = STEPS, callbacks=(), root=None) -> L.Trai
 def fit(name: str, devices: int) -> list:
     spec, episodic = RUNS[name]
     record = Record()
-    trainer(devices, callbacks=[record]).fit(Tasks(spec, episodic), TaskData(inner_batch_size=8, shards=2))
+    run = trainer(devices, callbacks=[record], validate=not episodic)  # episodic: no learned heads to score
+    run.fit(Tasks(spec, episodic), TaskData(inner_batch_size=8, shards=2))
+    if not episodic:  # the mean outer loss per task over every task, each scored on the rank holding its head
+        record.steps[-1]["val"] = run.callback_metrics["val_outer_loss"].clone()
     return record.steps
 
 
