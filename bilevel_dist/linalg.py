@@ -114,6 +114,12 @@ def _dot(dot: Dot | None, batched: bool) -> Dot:
     return dot if dot is not None else partial(tree.dot, batched=batched)
 
 
+def _residual(matvec: MatVec, b: Tree, v: Tree, dot: Dot) -> Tensor:
+    """``‖b − A v‖``: one product more than the solve."""
+    left = tree.sub(b, matvec(v))
+    return dot(left, left).sqrt()
+
+
 def cg(
     matvec: MatVec,
     b: Tree,
@@ -182,10 +188,7 @@ def neumann(
         if weights[j]:
             total = tree.axpy(weights[j], term, total)
     solution = tree.scale(total, alpha)
-    norm = None
-    if residual:
-        left = tree.sub(b, matvec(solution))
-        norm = _dot(dot, batched)(left, left).sqrt()
+    norm = _residual(matvec, b, solution, _dot(dot, batched)) if residual else None
     return LinearSolve(solution, norm, len(weights))
 
 
@@ -205,10 +208,7 @@ def gradient_descent(
     v = tree.zeros_like(b) if start is None else start
     for _ in range(iters):
         v = tree.axpy(-lr, tree.sub(matvec(v), b), v)
-    norm = None
-    if residual:
-        left = tree.sub(b, matvec(v))
-        norm = _dot(dot, batched)(left, left).sqrt()
+    norm = _residual(matvec, b, v, _dot(dot, batched)) if residual else None
     return LinearSolve(v, norm, iters)
 
 

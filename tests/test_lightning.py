@@ -80,16 +80,21 @@ def test_step_sampler_continues_from_the_position_to_the_epoch_end():
     assert list(own) == [0, 1, 2, 3] and list(own) == [4, 5, 6, 7]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_equals_one_process_and_naive_penalty_differs(tmp_path):
+def two_process_run(script, names, tmp_path):
+    """Runs ``script`` on 2 DDP processes; the steps each rank saved, by run name."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_fit.py"), str(tmp_path), "2"], env=env, capture_output=True, text=True
+        [sys.executable, str(SCRIPTS / script), str(tmp_path), "2"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return {name: [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)] for name in names}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_and_naive_penalty_differs(tmp_path):
+    runs = two_process_run("ddp_fit.py", ddp_fit.RUNS, tmp_path)
     worst = {}
-    for name in ddp_fit.RUNS:
-        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, ranks in runs.items():
         reference_name = "penalty" if name == "naive_penalty" else name
         reference = ddp_fit.fit(reference_name, devices=1, shards=2)
         assert len(ranks[0]) == len(ranks[1]) == len(reference) == ddp_fit.STEPS
@@ -348,14 +353,8 @@ import tasks_fit  # noqa: E402
 def test_batched_lower_levels_on_two_processes_equal_one(tmp_path):
     """64 per-task heads: persistent rows sharded across 2 DDP ranks, or started afresh every step,
     replay the 1-process run (shards=2) to rounding; the outer batch holds the inner batch's tasks."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "tasks_fit.py"), str(tmp_path), "2"], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
     worst = {}
-    for name in tasks_fit.RUNS:
-        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, ranks in two_process_run("tasks_fit.py", tasks_fit.RUNS, tmp_path).items():
         one = tasks_fit.fit(name, devices=1)
         assert len(ranks[0]) == len(one) == tasks_fit.STEPS
         worst[name] = 0.0
