@@ -16,6 +16,7 @@ import torch
 
 from bilevel_dist import algorithms
 from bilevel_dist.lightning.data import StepSampler
+from bilevel_dist.oracles import Chunks
 from bilevel_dist.recipes.data_denoising import Denoising, DigitsData
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -295,16 +296,14 @@ def test_module_steps_equal_the_bare_algorithm_loop(name):
     model = Denoising(algorithm={"name": name})
     trainer(max_steps=4).fit(model, data)
     steps = data.paired_steps()
-    full_inner, full_outer = data.full_batches()
-    from_data = {"saba": {"n_inner": 1147, "n_outer": 150}}.get(name, {})
-    if name in ("srba", "vrbo"):
-        from_data = {"full_batches": (full_inner, full_outer)}
+    from_data = data.algorithm_data(algorithms.REGISTRY[name].data_needs)  # what the module was given
+    assert from_data == {"saba": {"n_inner": 1147, "n_outer": 150}}.get(name, from_data)
     bare = algorithms.get(name, problem=model.problem, **from_data)
     outer, inner = model.configure_variables()
     state = bare.init(outer, inner)
     double = lambda batch: {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}  # noqa: E731
     if name in ("srba", "vrbo"):
-        bare.full_batches = (double(full_inner), double(full_outer))
+        bare.full_batches = tuple(Chunks((double(b), w) for b, w in chunks) for chunks in from_data["full_batches"])
     for t in range(4):
         state, _ = bare.step(state, double(steps[t]["inner"]), double(steps[t]["outer"]))
     for level in ("outer", "inner"):
