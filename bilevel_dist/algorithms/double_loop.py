@@ -159,13 +159,14 @@ class BSA(DoubleLoop):
         return weights, generator.get_state()
 
     def estimator(self, state: State) -> Estimator:
-        weights, _ = self.draw(state)
+        weights = state["weights"]  # this step's draw (step)
         alpha = self.h["linear_lr"] or self.h["inner_lr"]
         return hypergrad.Neumann(iters=len(weights), alpha=alpha, weights=weights)
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
-        solution = self.solve(state, inner_batch, outer_batch)
-        return self.outer_update({**state, "rng": self.draw(state)[1]}, solution, Metrics())
+        weights, rng = self.draw(state)
+        solution = self.solve({**state, "weights": weights}, inner_batch, outer_batch)
+        return self.outer_update({**state, "rng": rng}, solution, Metrics())
 
     def linear_cost(self) -> int | None:
         return None  # random: at most Q − 1

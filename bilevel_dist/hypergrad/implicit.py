@@ -117,9 +117,8 @@ class Neumann(Implicit):
         self, hvp: MatVec, b: Tree, oracles: Oracles, solver: Solver, start: Tree | None = None
     ) -> LinearSolve:
         alpha = self.alpha if self.alpha is not None else solver.lr
-        weights = self.weights if self.weights is not None else [1.0] * self.iters
         return neumann(
-            hvp, b, iters=self.iters, alpha=alpha, batched=oracles.batched, weights=weights,
+            hvp, b, iters=self.iters, alpha=alpha, batched=oracles.batched, weights=self.weights,
             dot=oracles.dot, residual=self.residual,
         )  # fmt: skip
 
