@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -243,6 +244,9 @@ def test_tensorboard_and_offline_wandb_receive_the_same_metrics(tmp_path, monkey
     fit.fit(model, data)
     summary = float(wb.experiment.summary["outer_loss"])
     wb.experiment.finish()
+    import wandb
+
+    wandb.teardown()  # stops the service process, which owns the writer of the offline run file
     events = EventAccumulator(tb.log_dir)
     events.Reload()
     scalars = events.Scalars("outer_loss")
@@ -251,8 +255,13 @@ def test_tensorboard_and_offline_wandb_receive_the_same_metrics(tmp_path, monkey
     assert summary == pytest.approx(scalars[-1].value, rel=1e-6)
     runs = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
     assert len(runs) == 1
+    keys = (b"outer_loss", b"hypergrad_norm", b"linear_residual", b"samples_per_sec", b"weights_histogram")
+    deadline = time.monotonic() + 60
     record = Path(runs[0]).read_bytes()  # the offline run holds the history, ready for `wandb sync`
-    for key in (b"outer_loss", b"hypergrad_norm", b"linear_residual", b"samples_per_sec", b"weights_histogram"):
+    while not all(key in record for key in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)  # a loaded machine may still be flushing the file after teardown
+        record = Path(runs[0]).read_bytes()
+    for key in keys:
         assert key in record
 
 
