@@ -52,9 +52,10 @@ def _parser_message(message: str) -> str:
 
 def cli_class() -> type:
     """The ``LightningCLI`` subclass behind ``fit``/``validate``/``test`` (and every tune trial)."""
+    from lightning import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from bilevel_dist.lightning import BilevelDataModule, BilevelModule
+    from bilevel_dist.lightning import BilevelModule
 
     class Parser(LightningArgumentParser):
         """Raises instead of printing usage, so that the CLI reports one line."""
@@ -67,14 +68,15 @@ def cli_class() -> type:
             raise UserError(_parser_message(message))
 
     class BilevelCLI(LightningCLI):
-        """``LightningCLI`` for :class:`BilevelModule` subclasses and :class:`BilevelDataModule`."""
+        """``LightningCLI`` for :class:`BilevelModule` subclasses and any ``LightningDataModule``
+        (a :class:`BilevelDataModule`, or an episodic one that draws its own tasks)."""
 
         def __init__(self, args: list[str] | dict[str, Any] | None, run: bool = True) -> None:
             if args is not None:  # a config from Python (a tune trial) while sys.argv holds another command
                 warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended", UserWarning)
             super().__init__(
                 BilevelModule,
-                BilevelDataModule,
+                LightningDataModule,
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 trainer_defaults=TRAINER_DEFAULTS,

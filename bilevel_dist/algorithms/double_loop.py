@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from bilevel_dist import hypergrad
+from bilevel_dist._checks import ConfigError, positive_int
 from bilevel_dist.algorithms.base import Algorithm, State, choice, count, decayed, descend, fraction, lr, zeros
 from bilevel_dist.hypergrad.base import Estimator, Solution
 from bilevel_dist.metrics import Metrics
@@ -25,7 +26,14 @@ from bilevel_dist.tree import Tree
 
 class DoubleLoop(Algorithm):
     """Inner GD (``inner_steps`` at ``inner_lr``, optionally to a tolerance) and a hypergradient
-    estimator, then ``x ← x − β_t d``."""
+    estimator, then ``x ← x − β_t d`` (``outer_optimizer="sgd"``) or an Adam step on ``d``
+    (``"adam"``, as meta-learning does; its moments are state, kept across episodes)."""
+
+    def init(self, outer: Tree, inner: Tree) -> State:
+        state = super().init(outer, inner)
+        if self.h.get("outer_optimizer") == "adam":
+            state |= {"outer_m": zeros(outer), "outer_s": zeros(outer)}
+        return state
 
     def estimator(self, state: State) -> Estimator:
         """This step's hypergradient estimator."""
@@ -40,7 +48,11 @@ class DoubleLoop(Algorithm):
         t = state["t"]
         step = decayed(self.h["outer_lr"], t, self.h.get("outer_decay", 0.0) or 0.0)
         d = solution.grad
-        state = {**state, "outer": descend(state["outer"], d, step), "inner": solution.inner, "t": t + 1}
+        if "outer_m" in state:
+            state, moved = adam(state, d, t)
+        else:
+            moved = d
+        state = {**state, "outer": descend(state["outer"], moved, step), "inner": solution.inner, "t": t + 1}
         shown = solution.info.select("inner_grad_norm", "linear_residual")
         return state, Metrics(hypergrad_norm=self.norm(d), outer_lr=step) | shown | metrics
 
@@ -56,12 +68,27 @@ class DoubleLoop(Algorithm):
         return {"inner_grad": steps, "linearize": 1, "hvp": products, "mixed": 1, "outer_grad": 1}
 
 
+_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def adam(state: State, d: Tree, t: int) -> tuple[State, Tree]:
+    """Adam's moments updated with ``d`` (step ``t``, from 0) and its bias-corrected direction
+    ``m̂ / (√ŝ + ε)``."""
+    b1, b2 = _BETAS
+    m = {k: b1 * v + (1 - b1) * d[k] for k, v in state["outer_m"].items()}
+    s = {k: b2 * v + (1 - b2) * d[k] * d[k] for k, v in state["outer_s"].items()}
+    c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    direction = {k: (m[k] / c1) / ((s[k] / c2).sqrt() + _ADAM_EPS) for k in m}
+    return {**state, "outer_m": m, "outer_s": s}, direction
+
+
 # what every double-loop method takes: the inner GD run and the outer step
 _LOOP = {
     "inner_lr": (0.1, lr),
     "inner_steps": (10, count),
     "outer_lr": (0.01, lr),
     "outer_decay": (0.0, fraction),
+    "outer_optimizer": ("sgd", choice("sgd", "adam")),
 }
 _AID = {
     **_LOOP,
@@ -208,19 +235,29 @@ class HOAG(DoubleLoop):
 
 class ITD(DoubleLoop):
     """Iterative differentiation: backpropagation through ``inner_steps`` warm-started GD steps
-    (the ``reverse`` estimator).
+    (the ``reverse`` estimator), or through the last ``backprop_steps`` of them only (the
+    ``truncated`` estimator; ``0`` keeps only the direct term ``∂f/∂x``: first-order MAML when
+    the inner variables are a displacement from the outer ones).
 
-    Cost per step: ``inner_steps`` inner gradients (with their graph) and one outer gradient.
+    Cost per step: ``inner_steps`` inner gradients (with their graph; ``+ backprop_steps``
+    replayed when truncated) and one outer gradient.
     """
 
     name = "itd"
-    hparams = _LOOP
+    hparams = {**_LOOP, "backprop_steps": (None, lambda name, v: positive_int(name, v, allow_zero=True))}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        k = self.h["backprop_steps"]
+        if k is not None and k > self.h["inner_steps"]:
+            raise ConfigError("backprop_steps", f"backprop_steps={k} exceeds inner_steps={self.h['inner_steps']}")
 
     def estimator(self, state: State) -> Estimator:
-        return hypergrad.Reverse()
+        k = self.h["backprop_steps"]
+        return hypergrad.Reverse() if k is None else hypergrad.Truncated(k)
 
     def cost(self, t: int) -> dict[str, int]:
-        return {"inner_grad": self.h["inner_steps"], "outer_grad": 1}
+        return {"inner_grad": self.h["inner_steps"] + (self.h["backprop_steps"] or 0), "outer_grad": 1}
 
 
 __all__ = ["AID", "BSA", "HOAG", "ITD", "AmIGO", "StocBiO"]

@@ -66,7 +66,7 @@ class Truncated(Estimator):
     name = "truncated"
 
     def __init__(self, k: int = 10) -> None:
-        self.k = positive_int("k", k)
+        self.k = positive_int("k", k, allow_zero=True)  # 0: the direct term only (first order)
 
     def check(self, solver: Solver) -> None:
         if self.k > solver.steps:
