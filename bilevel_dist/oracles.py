@@ -84,6 +84,16 @@ class Oracles:
         """``‖a‖`` as :meth:`dot` measures it."""
         return self.dot(a, a).sqrt()
 
+    def total_dot(self, a: Tree, b: Tree) -> Tensor:
+        """``⟨a, b⟩`` of two inner trees over every problem on every rank: one value, the same on
+        all ranks, for decisions such as a schedule's test. Independent levels hold their rows
+        locally (sharded by ``per_sample`` or drawn per step), so the local sum is summed over
+        ranks (one all-reduce)."""
+        if not self.batched:
+            return self.comm.dot(a, b)
+        local = tree.dot(a, b)
+        return self.comm.sum({"total": local.reshape(1)})["total"][0]
+
     # -- oracles -----------------------------------------------------------------------------
     def inner_grad(self, w: Tree, x: Tree, batch: Any) -> Tree:
         """``∇_w g``, reduced by the policy."""

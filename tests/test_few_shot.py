@@ -67,6 +67,12 @@ CASES = {
     "anil": ("rotated_digits", {"inner_steps": 3, "inner_lr": 0.3, **SGD}),
     "penalty": ("rotated_digits", {"inner_steps": 2, "inner_lr": 0.3, "outer_lr": 0.5}),
     "maml_conv": ("rotated_digits", {"inner_steps": 2, "inner_lr": 0.3, **SGD}),
+    "heads_aid": ("rotated_digits", {"name": "aid", "inner_steps": 2, "inner_lr": 0.3, "linear_iters": 3, **SGD}),
+    "heads_stocbio": (
+        "rotated_digits",
+        {"name": "stocbio", "inner_steps": 2, "inner_lr": 0.3, "linear_iters": 3, **SGD},
+    ),
+    "heads_soba": ("rotated_digits", {"name": "soba", "inner_lr": 0.3, "outer_lr": 0.5}),  # warmed-up heads
 }
 
 
@@ -75,7 +81,7 @@ def test_batched_meta_gradient_equals_a_loop_over_tasks(case):
     """All tasks in one vmapped lower level against the same algorithm run task by task (batch
     norm statistics per task)."""
     dataset, algorithm = CASES[case]
-    model, batch = setup(case.split("_")[0], dataset, algorithm)
+    model, batch = setup(case.split("_")[0], dataset, algorithm, head_warmup=3 if case == "heads_soba" else 0)
     batched = meta_direction(model, batch)
     looped = tree.zeros_like(batched)
     for t in range(4):

@@ -101,7 +101,7 @@ class Penalty(Algorithm):
         assert dx is not None
         x = descend(x, dx, state["outer_lr"] / shrink)
         # the schedule's test needs this number on every step (one scalar, same on every rank)
-        residual = float(self.comm.dot(dw, dw) + self.comm.dot(dx, dx))
+        residual = float(self.oracles.total_dot(dw, dw) + self.comm.dot(dx, dx))
         state = {**state, "inner": w, "outer": x, "t": state["t"] + 1, "stage_steps": state["stage_steps"] + 1}
         metrics = Metrics(hypergrad_norm=self.norm(dx), penalty_gamma=state["gamma"], penalty_residual=residual**0.5)
         if residual <= state["epsilon"] ** 2:
@@ -148,8 +148,8 @@ class BOME(Algorithm):
         # λ is not linear in the pieces: ∇_x q and ∇_x f are reduced before the products
         qw, qx = gw, self.oracles.outer_gradient(tree.sub(gx, gx_hat))
         fx = self.oracles.outer_gradient(fx)
-        q_sq = float(self.comm.dot(qw, qw) + self.comm.dot(qx, qx))
-        inner_product = float(self.comm.dot(fw, qw) + self.comm.dot(fx, qx))
+        q_sq = float(self.oracles.total_dot(qw, qw) + self.comm.dot(qx, qx))
+        inner_product = float(self.oracles.total_dot(fw, qw) + self.comm.dot(fx, qx))
         lam = max(self.h["eta"] * q_sq - inner_product, 0.0) / max(q_sq, 1e-30)
         dw, dx = tree.axpy(lam, qw, fw), tree.axpy(lam, qx, fx)
         step = decayed(self.h["outer_lr"], state["t"], self.h["outer_decay"])

@@ -79,6 +79,9 @@ class FewShot(BilevelModule):
         prox: iMAML's proximal weight λ.
         head_reg: ridge weight of the task heads (``heads``, ``penalty``, ``pretrain``).
         head_steps, head_lr: gradient steps fitting a new head per task at evaluation.
+        head_warmup: gradient steps (at ``head_lr``, no graph) that start each task's head
+            before the algorithm's step: single-loop registry methods (``soba``, ``ttsa``, ...)
+            take one inner step per meta-step, and from a zero head the body gets no gradient.
         baselines: the baselines trained before the method in ``fit`` (default: ``protonet`` and
             ``pretrain`` for classification, ``pretrain`` for regression).
         baseline_lr: their Adam step size.
@@ -99,6 +102,7 @@ class FewShot(BilevelModule):
         head_reg: float = 1e-3,
         head_steps: int = 100,
         head_lr: float = 0.5,
+        head_warmup: int = 0,
         baselines: tuple[str, ...] | None = None,
         baseline_lr: float = 1e-3,
         model_seed: int = 0,
@@ -120,6 +124,7 @@ class FewShot(BilevelModule):
         self.save_hyperparameters()
         self.method, self.backbone_name, self.width, self.prox, self.head_reg = method, backbone, width, prox, head_reg
         self.head_steps, self.head_lr, self.baseline_lr, self.model_seed = head_steps, head_lr, baseline_lr, model_seed
+        self.head_warmup = head_warmup
         self.ways, self.meta_batch, self.input_shape = ways, meta_batch, input_shape
         self.regression, self.train_classes = regression, train_classes
         self._baseline_names = baselines
@@ -191,7 +196,13 @@ class FewShot(BilevelModule):
         return self.initial_outer(self.method), {}
 
     def inner_init(self, outer: Tree, batch: dict[str, Tensor]) -> Tree:
-        return self.formulation().inner_init(outer, batch)
+        form = self.formulation()
+        start = form.inner_init(outer, batch)
+        if self.head_warmup and form.kind == "heads":
+            problem = BilevelProblem(form.inner_loss, form.outer_loss, batched=True)
+            with torch.enable_grad():
+                start = run(GD(self.head_lr, self.head_warmup), problem, start, tree.detach(outer), batch).inner
+        return start
 
     def inner_loss(self, inner: Tree, outer: Tree, batch: dict[str, Tensor]) -> Tensor:
         return self.formulation().inner_loss(inner, outer, batch)

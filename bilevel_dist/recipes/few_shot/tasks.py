@@ -3,7 +3,8 @@ regression tasks (Finn et al. 2017, §5.1).
 
 A task depends only on ``(seed, split, step, slot)``: its generator is seeded from those four
 numbers, so a resumed or multi-process run draws exactly the tasks of an uninterrupted
-single-process one, whichever rank draws them.
+single-process one, whichever rank draws them. Draws are float32 whatever the default dtype
+(which changes what ``torch.rand`` draws), and so are the tasks' tensors.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def check_episode_shape(pool: ClassPool, split: str, ways: int, shots: int, quer
 def draw_episode(pool: ClassPool, ways: int, shots: int, queries: int, generator: torch.Generator) -> Episode:
     """``ways`` classes at random, then ``shots + queries`` distinct samples of each."""
     classes = torch.randperm(pool.classes, generator=generator)[:ways]
-    picks = torch.rand(ways, pool.per_class, generator=generator).argsort(1)[:, : shots + queries]
+    picks = torch.rand(ways, pool.per_class, generator=generator, dtype=torch.float32).argsort(1)[:, : shots + queries]
     samples = pool.images[classes[:, None], picks]  # (ways, shots + queries, *shape)
     labels = torch.arange(ways)[:, None].expand(ways, shots + queries)
     shape = samples.shape[2:]
@@ -101,10 +102,11 @@ class Sinusoid:
     def draw(self, shots: int, queries: int, generator: torch.Generator) -> Episode:
         """A task with ``shots`` support and ``queries`` query points."""
         amplitude, phase = (
-            lo + (hi - lo) * torch.rand((), generator=generator) for lo, hi in (self.amplitude, self.phase)
+            lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float32)
+            for lo, hi in (self.amplitude, self.phase)
         )
         lo, hi = self.inputs
-        x = lo + (hi - lo) * torch.rand(shots + queries, 1, generator=generator)
+        x = lo + (hi - lo) * torch.rand(shots + queries, 1, generator=generator, dtype=torch.float32)
         y = amplitude * torch.sin(x - phase)
         return Episode(x[:shots], y[:shots], x[shots:], y[shots:], torch.stack([amplitude, phase]))
 
