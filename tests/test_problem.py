@@ -109,7 +109,7 @@ def test_unknown_estimator_name():
         (lambda: solvers.Momentum(lr=0.1, momentum=1.5, steps=1), r"momentum must lie in \[0, 1\)"),
         (lambda: solvers.Adam(lr=0.1, steps=1, betas=(0.9, 1.0)), r"betas\[1\] must lie in \[0, 1\)"),
         (lambda: solvers.GD(lr=0.1, steps=2.5), "steps must be an int"),
-        (lambda: hg.Truncated(k=-3), "k must be > 0, got -3"),
+        (lambda: hg.Truncated(k=-3), "k must be >= 0, got -3"),
         (lambda: hg.CG(iters=-1), "iters must be > 0, got -1"),
         (lambda: hg.Neumann(iters=0), "iters must be > 0, got 0"),
         (lambda: hg.PenaltyGradient(gamma=0.0), "gamma must be a finite number > 0"),

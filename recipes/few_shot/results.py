@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 WORK = Path("/tmp/bilevel_dist_few_shot_results")
 IMAML_SINE = {"name": "aid", "inner_steps": 5, "inner_lr": 0.01, "linear_iters": 5, "outer_optimizer": "adam"}
-PENALTY_SINE = {"name": "penalty", "inner_steps": 3, "inner_lr": 0.1, "outer_lr": 0.01}
+PENALTY_SINE = {"name": "penalty", "inner_steps": 3, "inner_lr": 0.005, "outer_lr": 0.01}
 
 
 def _args(method: str, algorithm: dict | None = None, baselines: bool = False) -> list[str]:
@@ -42,7 +42,7 @@ def settings() -> dict[str, list[tuple[str, str, list[str]]]]:
         ("fomaml", "sinusoid.yaml", _args("fomaml")),
         ("anil", "sinusoid.yaml", _args("anil")),
         ("imaml", "sinusoid.yaml", _args("imaml", {**IMAML_SINE, "outer_lr": 0.001})),
-        ("penalty", "sinusoid.yaml", _args("penalty", PENALTY_SINE)),
+        ("penalty", "sinusoid.yaml", _args("penalty", PENALTY_SINE) + ["--model.init_args.head_lr", "0.005"]),
     ]
     out = {"sinusoid_5shot": sine}
     for shots in (1, 5):
@@ -57,7 +57,7 @@ def settings() -> dict[str, list[tuple[str, str, list[str]]]]:
     return out
 
 
-ROW = re.compile(r"^\s{2}(\S.*?)\s+(-?[\d.]+) ± ([\d.]+|nan)\s*$")
+ROW = re.compile(r"^\s{2}(\S.*?)\s+(-?[\d.]+|nan) ± ([\d.]+|nan)\s*$")
 
 
 def run(setting: str, name: str, config: str, extra: list[str]) -> dict:
@@ -95,9 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", help="settings to run (default: all)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--methods", nargs="*", help="rows to run (default: all)")
     args = parser.parse_args()
     chosen = {k: v for k, v in settings().items() if not args.only or k in args.only}
-    jobs = [(s, *row) for s, rows in chosen.items() for row in rows]
+    jobs = [(s, *row) for s, rows in chosen.items() for row in rows if not args.methods or row[0] in args.methods]
 
     def attempt(job: tuple) -> tuple[str, str, dict]:
         try:

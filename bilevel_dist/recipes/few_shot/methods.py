@@ -60,6 +60,9 @@ class Formulation:
         ways: classes per task (heads and prototypes), 1 for regression.
         prox: iMAML's ``λ`` (0: none).
         reg: the heads' ridge weight.
+        feature_scale: ``s > 0`` scores heads on ``s φ/‖φ‖`` (cosine-normalised features, as the
+            Penalty authors' code with ``s = 10``): the body cannot shrink ``‖∇_W g‖²`` by
+            shrinking its features; 0 keeps ``φ``.
     """
 
     kind: str
@@ -69,11 +72,12 @@ class Formulation:
     ways: int
     prox: float = 0.0
     reg: float = 0.0
+    feature_scale: float = 0.0
 
     def on_features(self) -> Formulation:
         """The same problem on precomputed features (an identity body, no outer variables)."""
         identity = Backbone(torch.nn.Identity(), self.net.features, self.net.head.out_features)
-        return replace(self, net=identity)
+        return replace(self, net=identity, feature_scale=0.0)  # precomputed features are scaled already
 
     # -- variables ---------------------------------------------------------------------------
     def outer_init(self) -> Tree:
@@ -99,7 +103,10 @@ class Formulation:
     def features(self, outer: Tree, x: Tensor) -> Tensor:
         """``body(x)`` for each task's samples: ``(T, n, features)``."""
         body = {k[5:]: v for k, v in outer.items() if k.startswith("body.")}
-        return vmap(lambda xs: functional_call(self.net.body, body, (xs,)))(x)
+        phi = vmap(lambda xs: functional_call(self.net.body, body, (xs,)))(x)
+        if self.feature_scale and self.kind == "heads":
+            phi = self.feature_scale * phi / phi.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return phi
 
     def scores(self, inner: Tree, outer: Tree, x: Tensor) -> Tensor:
         """Each task's predictions ``(T, n, outputs)`` with its adapted variables."""

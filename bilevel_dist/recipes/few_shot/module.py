@@ -79,6 +79,8 @@ class FewShot(BilevelModule):
         prox: iMAML's proximal weight λ.
         head_reg: ridge weight of the task heads (``heads``, ``penalty``, ``pretrain``).
         head_steps, head_lr: gradient steps fitting a new head per task at evaluation.
+        feature_scale: ``penalty`` and ``heads`` score their heads on features normalised to
+            this length (cosine heads, as the Penalty authors' code; 0: raw features).
         head_warmup: gradient steps (at ``head_lr``, no graph) that start each task's head
             before the algorithm's step: single-loop registry methods (``soba``, ``ttsa``, ...)
             take one inner step per meta-step, and from a zero head the body gets no gradient.
@@ -103,6 +105,7 @@ class FewShot(BilevelModule):
         head_steps: int = 100,
         head_lr: float = 0.5,
         head_warmup: int = 0,
+        feature_scale: float = 10.0,
         baselines: tuple[str, ...] | None = None,
         baseline_lr: float = 1e-3,
         model_seed: int = 0,
@@ -124,7 +127,7 @@ class FewShot(BilevelModule):
         self.save_hyperparameters()
         self.method, self.backbone_name, self.width, self.prox, self.head_reg = method, backbone, width, prox, head_reg
         self.head_steps, self.head_lr, self.baseline_lr, self.model_seed = head_steps, head_lr, baseline_lr, model_seed
-        self.head_warmup = head_warmup
+        self.head_warmup, self.feature_scale = head_warmup, feature_scale
         self.ways, self.meta_batch, self.input_shape = ways, meta_batch, input_shape
         self.regression, self.train_classes = regression, train_classes
         self._baseline_names = baselines
@@ -181,6 +184,7 @@ class FewShot(BilevelModule):
                 1 if regression else self._from_data("ways"),
                 prox=self.prox if method == "imaml" else 0.0,
                 reg=self.head_reg,
+                feature_scale=self.feature_scale if method in ("penalty", "heads") else 0.0,
             )
         return self._formulations[method]
 
@@ -213,7 +217,12 @@ class FewShot(BilevelModule):
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.method != "pretrain":
-            return super().training_step(batch, batch_idx)
+            super().training_step(batch, batch_idx)
+        else:
+            self._pretrain_training_step(batch)
+        self._validate_last_step()
+
+    def _pretrain_training_step(self, batch: dict[str, Any]) -> None:
         if self._state is None:
             self._sync_state()
         self._state, loss = self.pretrain_update(self._state, batch, self.algorithm.h["outer_lr"])
@@ -328,8 +337,9 @@ class FewShot(BilevelModule):
             return
         mean, _ = results[self.method]
         self.log(f"val_{self.metric}", mean, prog_bar=True, batch_size=1)
-        if not self.trainer.sanity_checking:
-            self.history.setdefault(self.method, []).append((self.global_step, mean))
+        history = self.history.setdefault(self.method, [])
+        if not self.trainer.sanity_checking and not (history and history[-1][0] == self.global_step):
+            history.append((self.global_step, mean))
 
     def on_test_epoch_start(self) -> None:
         self._scores = {}
@@ -411,13 +421,28 @@ class FewShot(BilevelModule):
         trainer, data = self.trainer, self.trainer.datamodule
         if data is None or not hasattr(data, "eval_tasks") or trainer.max_steps < 1:
             return
-        every = trainer.val_check_interval
-        by_steps = isinstance(every, int) and trainer.check_val_every_n_epoch is None
-        validated = by_steps and trainer.limit_val_batches != 0
-        checkpoints = set(range(every, trainer.max_steps + 1, every)) if validated else set()
         for name in self.baselines:
             if name not in self.baseline_variables:
-                self.baseline_variables[name] = self.train_baseline(name, trainer.max_steps, checkpoints)
+                self.baseline_variables[name] = self.train_baseline(
+                    name, trainer.max_steps, self._baseline_checkpoints()
+                )
+
+    def _validate_last_step(self) -> None:
+        """Validates the method after the step that reaches ``max_steps`` (Lightning's loop stops
+        without validating it), so that its curve ends where the baselines' do; before the
+        step's checkpoint is written."""
+        if self.global_step == self.trainer.max_steps and self.global_step in self._baseline_checkpoints():
+            if self.history.get(self.method, [(0, 0.0)])[-1][0] < self.global_step:
+                score = self._validate_outer(self.method, self.outer)
+                self.history.setdefault(self.method, []).append((self.global_step, score))
+
+    def _baseline_checkpoints(self) -> set[int]:
+        trainer = self.trainer
+        every = trainer.val_check_interval
+        by_steps = isinstance(every, int) and trainer.check_val_every_n_epoch is None
+        if not by_steps or trainer.limit_val_batches == 0 or trainer.max_steps < 1:
+            return set()
+        return set(range(every, trainer.max_steps + 1, every))
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
