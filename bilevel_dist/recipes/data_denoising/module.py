@@ -27,6 +27,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_accu
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.lightning import BilevelModule
 from bilevel_dist.recipes.data_denoising import models
+from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.tree import Tree
 
 BASELINES = ("oracle", "val_only", "train_val")
@@ -201,24 +202,14 @@ class Denoising(BilevelModule):
         if "weight_auroc" in summary:
             lines.append(f"  weights separate clean from flipped samples: ROC-AUC {summary['weight_auroc']:.4f}")
         path = weight_histogram(weights, clean, out / "weights_histogram.png")
-        if path is not None:
-            lines.append(f"  histogram of the weights: {path}")
-            for logger in self.loggers:
-                if type(logger).__name__ == "WandbLogger":
-                    logger.log_image(key="weights_histogram", images=[str(path)])
+        lines.append(f"  histogram of the weights: {path}")
+        log_image(self.loggers, "weights_histogram", path)
         rank_zero_info("\n".join(lines))
 
 
-def weight_histogram(weights: Tensor, clean: Tensor, path: Path) -> Path | None:
-    """Histograms of the learned weights of clean and flipped samples, as a PNG (needs
-    matplotlib; returns ``None`` without it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def weight_histogram(weights: Tensor, clean: Tensor, path: Path) -> Path:
+    """Histograms of the learned weights of clean and flipped samples, as a PNG."""
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3))
     bins = torch.linspace(0, 1, 41).tolist()

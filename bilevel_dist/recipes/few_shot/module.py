@@ -31,6 +31,7 @@ from bilevel_dist.lightning import BilevelModule
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.recipes.few_shot import models
 from bilevel_dist.recipes.few_shot.methods import KINDS, METHODS, Formulation
+from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.solvers import GD, run
 from bilevel_dist.tree import Tree
 
@@ -368,9 +369,7 @@ class FewShot(BilevelModule):
         path = curves_plot(self.history, self.metric, out / "few_shot_curves.png")
         if path is not None:
             lines.append(f"  validation {self.metric} against meta-training step: {path}")
-            for logger in self.loggers:
-                if type(logger).__name__ == "WandbLogger":
-                    logger.log_image(key="few_shot_curves", images=[str(path)])
+            log_image(self.loggers, "few_shot_curves", path)
         rank_zero_info("\n".join(lines))
 
     # -- baselines ---------------------------------------------------------------------------
@@ -458,16 +457,10 @@ class FewShot(BilevelModule):
 
 def curves_plot(history: dict[str, list[tuple[int, float]]], metric: str, path: Path) -> Path | None:
     """Validation score against meta-training step, one line per method (PNG; ``None``
-    without matplotlib or without history)."""
+    without history)."""
     if not any(history.values()):
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for label, points in history.items():
