@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 WORK = Path("/tmp/bilevel_dist_few_shot_results")
 IMAML_SINE = {"name": "aid", "inner_steps": 5, "inner_lr": 0.01, "linear_iters": 5, "outer_optimizer": "adam"}
+PROX = ["--model.init_args.prox", "0.1"]
 PENALTY_SINE = {"name": "penalty", "inner_steps": 3, "inner_lr": 0.005, "outer_lr": 0.01}
 
 
@@ -41,7 +43,7 @@ def settings() -> dict[str, list[tuple[str, str, list[str]]]]:
         ("maml", "sinusoid.yaml", _args("maml", baselines=True)),
         ("fomaml", "sinusoid.yaml", _args("fomaml")),
         ("anil", "sinusoid.yaml", _args("anil")),
-        ("imaml", "sinusoid.yaml", _args("imaml", {**IMAML_SINE, "outer_lr": 0.001})),
+        ("imaml", "sinusoid.yaml", _args("imaml", {**IMAML_SINE, "outer_lr": 0.001}) + PROX),
         ("penalty", "sinusoid.yaml", _args("penalty", PENALTY_SINE) + ["--model.init_args.head_lr", "0.005"]),
     ]
     out = {"sinusoid_5shot": sine}
@@ -51,7 +53,7 @@ def settings() -> dict[str, list[tuple[str, str, list[str]]]]:
             ("maml", "rotated_digits.yaml", _args("maml", baselines=True) + shot),
             ("fomaml", "rotated_digits.yaml", _args("fomaml") + shot),
             ("anil", "rotated_digits.yaml", _args("anil") + shot),
-            ("imaml", "rotated_digits.yaml", _args("imaml") + shot),
+            ("imaml", "rotated_digits.yaml", _args("imaml") + PROX + shot),
             ("penalty", "rotated_digits_penalty.yaml", ["--model.init_args.baselines", "[]"] + shot),
         ]
     return out
@@ -63,7 +65,8 @@ ROW = re.compile(r"^\s{2}(\S.*?)\s+(-?[\d.]+|nan) ± ([\d.]+|nan)\s*$")
 def run(setting: str, name: str, config: str, extra: list[str]) -> dict:
     """Fit then test in a fresh folder; the test's table rows and the times."""
     cwd = WORK / setting / name
-    cwd.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cwd, ignore_errors=True)  # a fresh run: no checkpoint of an earlier one is picked up
+    cwd.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "bilevel_dist.cli"]
     common = ["--config", str(HERE.resolve() / config), *extra, "--trainer.enable_progress_bar", "false"]

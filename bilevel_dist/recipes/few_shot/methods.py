@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.recipes.few_shot.models import Backbone
 from bilevel_dist.tree import Tree
 
@@ -78,6 +79,11 @@ class Formulation:
         """The same problem on precomputed features (an identity body, no outer variables)."""
         identity = Backbone(torch.nn.Identity(), self.net.features, self.net.head.out_features)
         return replace(self, net=identity, feature_scale=0.0)  # precomputed features are scaled already
+
+    @property
+    def problem(self) -> BilevelProblem:
+        """The two losses as a batched bilevel problem."""
+        return BilevelProblem(self.inner_loss, self.outer_loss, batched=True)
 
     # -- variables ---------------------------------------------------------------------------
     def outer_init(self) -> Tree:

@@ -24,11 +24,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.func import functional_call
 
-from bilevel_dist import tree
+from bilevel_dist import algorithms, tree
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.algorithms.double_loop import adam
 from bilevel_dist.lightning import BilevelModule
-from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.recipes.few_shot import models
 from bilevel_dist.recipes.few_shot.methods import KINDS, METHODS, Formulation
 from bilevel_dist.recipes.figures import log_image, pyplot
@@ -204,9 +203,8 @@ class FewShot(BilevelModule):
         form = self.formulation()
         start = form.inner_init(outer, batch)
         if self.head_warmup and form.kind == "heads":
-            problem = BilevelProblem(form.inner_loss, form.outer_loss, batched=True)
             with torch.enable_grad():
-                start = run(GD(self.head_lr, self.head_warmup), problem, start, tree.detach(outer), batch).inner
+                start = run(GD(self.head_lr, self.head_warmup), form.problem, start, tree.detach(outer), batch).inner
         return start
 
     def inner_loss(self, inner: Tree, outer: Tree, batch: dict[str, Tensor]) -> Tensor:
@@ -281,10 +279,9 @@ class FewShot(BilevelModule):
         """Each task's adapted inner variables after the evaluation inner loop on its support set."""
         form = form or self.formulation(method)
         default_steps, lr = self.adaptation(method)
-        problem = BilevelProblem(form.inner_loss, form.outer_loss, batched=True)
         start = form.inner_init(outer, support)
         steps = default_steps if steps is None else steps
-        return run(GD(lr, steps), problem, start, tree.detach(outer), support).inner
+        return run(GD(lr, steps), form.problem, start, tree.detach(outer), support).inner
 
     def task_scores(self, method: str, outer: Tree, batch: dict[str, Any], steps: int | None = None) -> Tensor:
         """Each task's query score after adapting ``method``'s variables ``outer`` on its support."""
@@ -397,11 +394,8 @@ class FewShot(BilevelModule):
             state = {"outer": outer, "outer_m": tree.zeros_like(outer), "outer_s": tree.zeros_like(outer), "t": 0}
         else:
             form = self.formulation(method)
-            problem = BilevelProblem(form.inner_loss, form.outer_loss, batched=True)
-            from bilevel_dist import algorithms
-
             spec = {**algorithm_spec(method, None), "outer_lr": self.baseline_lr}
-            algorithm = algorithms.get(spec.pop("name"), problem=problem, comm=self.comm, **spec)
+            algorithm = algorithms.get(spec.pop("name"), problem=form.problem, comm=self.comm, **spec)
             state = algorithm.init(outer, {})
         for t in range(steps):
             batch = self._device_batch(train[t])
