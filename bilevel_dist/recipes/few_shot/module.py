@@ -425,7 +425,7 @@ class FewShot(BilevelModule):
         without validating it), so that its curve ends where the baselines' do; before the
         step's checkpoint is written."""
         if self.global_step == self.trainer.max_steps and self.global_step in self._baseline_checkpoints():
-            if self.history.get(self.method, [(0, 0.0)])[-1][0] < self.global_step:
+            if (self.history.get(self.method) or [(0, 0.0)])[-1][0] < self.global_step:  # sanity checks leave []
                 score = self._validate_outer(self.method, self.outer)
                 self.history.setdefault(self.method, []).append((self.global_step, score))
 
