@@ -1,6 +1,8 @@
 """Comm across two gloo processes: algorithms on half-batches per rank equal one full-batch process."""
 
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from bilevel_dist import algorithms
 from bilevel_dist.distributed import Comm, shard_rows
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.problems import FiniteSumQuadratic, TaskHeads
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from collectives import CountCollectives  # noqa: E402
 
 NAMES = ["aid", "soba", "penalty", "itd"]
 TASK_NAMES = ["aid", "soba", "itd", "bome"]
@@ -23,7 +28,6 @@ BATCHED = {
     "penalty": {"inner_steps": 2},
     "bome": {"inner_steps": 3},
 }
-COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all", "barrier", "reduce")
 
 
 def task_problem(tasks: int = 8, dim: int = 5, samples: int = 6) -> tuple[BilevelProblem, dict]:
@@ -60,28 +64,6 @@ def run_tasks(name: str, comm: Comm, rank: int, world: int) -> torch.Tensor:
         state, metrics = algorithm.step(state, batch, batch)
     full = comm.gather_rows(state["inner"]["w"], start["w"].shape[0])
     return torch.cat([state["outer"]["x"], full.flatten(), torch.tensor([metrics["hypergrad_norm"]])])
-
-
-class CountCollectives:
-    """Counts every ``torch.distributed`` collective issued while active."""
-
-    def __enter__(self):
-        self.count, self.saved = 0, {name: getattr(dist, name) for name in COLLECTIVES}
-
-        def counted(fn):
-            def call(*args, **kwargs):
-                self.count += 1
-                return fn(*args, **kwargs)
-
-            return call
-
-        for name, fn in self.saved.items():
-            setattr(dist, name, counted(fn))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(dist, name, fn)
 
 
 def run_batched(name: str, comm: Comm, rank: int, world: int) -> tuple[torch.Tensor, list[int]]:

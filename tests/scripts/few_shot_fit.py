@@ -8,10 +8,10 @@ import tempfile
 import lightning as L
 import torch
 import torch.distributed as dist
+from collectives import CountCollectives
 
 from bilevel_dist.recipes.few_shot import FewShot, FewShotData
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "barrier")
 STEPS = 3
 RUNS = {
     "maml_sinusoid": ("maml", "sinusoid", {"inner_steps": 3, "inner_lr": 0.01}),
@@ -39,24 +39,10 @@ class Record(L.Callback):
         step = module.algorithm.step
 
         def counted(*args, **kwargs):
-            count = [0]
-            saved = {name: getattr(dist, name) for name in COLLECTIVES}
-
-            def wrap(fn):
-                def call(*a, **k):
-                    count[0] += 1
-                    return fn(*a, **k)
-
-                return call
-
-            for name, fn in saved.items():
-                setattr(dist, name, wrap(fn))
-            try:
-                return step(*args, **kwargs)
-            finally:
-                for name, fn in saved.items():
-                    setattr(dist, name, fn)
-                self.collectives.append(count[0])
+            with CountCollectives() as counter:
+                result = step(*args, **kwargs)
+            self.collectives.append(counter.count)
+            return result
 
         module.algorithm.step = counted
 

@@ -1,0 +1,36 @@
+"""Counting ``torch.distributed`` collectives, for tests that state how many a step makes."""
+
+import torch.distributed as dist
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter",
+    "all_to_all",
+    "barrier",
+    "reduce",
+)
+
+
+class CountCollectives:
+    """Counts every ``torch.distributed`` collective issued while active."""
+
+    def __enter__(self):
+        self.count, self.saved = 0, {name: getattr(dist, name) for name in COLLECTIVES}
+
+        def counted(fn):
+            def call(*args, **kwargs):
+                self.count += 1
+                return fn(*args, **kwargs)
+
+            return call
+
+        for name, fn in self.saved.items():
+            setattr(dist, name, counted(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
