@@ -117,7 +117,7 @@ class Algorithm:
                 f"{self.name} keeps a trajectory of one lower level: it needs persistent inner variables",
             )
         fresh = self.init(state["outer"], inner)
-        return {**state, **{k: fresh[k] for k in self.inner_keys}}
+        return {**state, **{k: fresh[k] for k in self.inner_keys if k in fresh}}
 
     def cost(self, t: int) -> dict[str, int]:
         """Oracle calls of step ``t`` by kind (:class:`~bilevel_dist.oracles.Oracles`), tolerances off."""
@@ -140,6 +140,21 @@ def _copy(t: Tree) -> Tree:
 def descend(x: Tree, direction: Tree, step: float) -> Tree:
     """``x − step · direction``."""
     return tree.axpy(-step, direction, x)
+
+
+_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def adam(state: State, d: Tree, t: int, prefix: str = "outer") -> tuple[State, Tree]:
+    """Adam's moments ``state[prefix_m]``, ``state[prefix_s]`` updated with ``d`` (step ``t``,
+    from 0) and its bias-corrected direction ``m̂ / (√ŝ + ε)``; elementwise, so per-task and
+    sharded variables need no reduction."""
+    b1, b2 = _BETAS
+    m = {k: b1 * v + (1 - b1) * d[k] for k, v in state[f"{prefix}_m"].items()}
+    s = {k: b2 * v + (1 - b2) * d[k] * d[k] for k, v in state[f"{prefix}_s"].items()}
+    c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    direction = {k: (m[k] / c1) / ((s[k] / c2).sqrt() + _ADAM_EPS) for k in m}
+    return {**state, f"{prefix}_m": m, f"{prefix}_s": s}, direction
 
 
 def hypergradient(fx: Tree, jv: Tree) -> Tree:

@@ -17,7 +17,7 @@ import torch
 
 from bilevel_dist import hypergrad
 from bilevel_dist._checks import ConfigError, positive_int
-from bilevel_dist.algorithms.base import Algorithm, State, choice, count, decayed, descend, fraction, lr, zeros
+from bilevel_dist.algorithms.base import Algorithm, State, adam, choice, count, decayed, descend, fraction, lr, zeros
 from bilevel_dist.hypergrad.base import Estimator, Solution
 from bilevel_dist.metrics import Metrics
 from bilevel_dist.solvers import GD
@@ -66,20 +66,6 @@ class DoubleLoop(Algorithm):
     def cost(self, t: int) -> dict[str, int]:
         steps, products = self.h["inner_steps"], self.linear_cost()
         return {"inner_grad": steps, "linearize": 1, "hvp": products, "mixed": 1, "outer_grad": 1}
-
-
-_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
-
-
-def adam(state: State, d: Tree, t: int) -> tuple[State, Tree]:
-    """Adam's moments updated with ``d`` (step ``t``, from 0) and its bias-corrected direction
-    ``m̂ / (√ŝ + ε)``."""
-    b1, b2 = _BETAS
-    m = {k: b1 * v + (1 - b1) * d[k] for k, v in state["outer_m"].items()}
-    s = {k: b2 * v + (1 - b2) * d[k] * d[k] for k, v in state["outer_s"].items()}
-    c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-    direction = {k: (m[k] / c1) / ((s[k] / c2).sqrt() + _ADAM_EPS) for k in m}
-    return {**state, "outer_m": m, "outer_s": s}, direction
 
 
 # what every double-loop method takes: the inner GD run and the outer step

@@ -9,6 +9,8 @@ from bilevel_dist import tree
 from bilevel_dist.algorithms.base import (
     Algorithm,
     State,
+    adam,
+    choice,
     count,
     decayed,
     descend,
@@ -38,6 +40,9 @@ class Penalty(Algorithm):
     authors' order), and both step sizes shrink by ``lr_decay``. With
     ``gamma_lr_coef = b`` every step is further divided by ``1 + bγ`` (the synthetic experiments'
     rule ``0.5 / (2 + 2s + 4γs²)``, since ``f̃``'s curvature grows like ``γ``).
+    ``inner_optimizer`` / ``outer_optimizer = "adam"`` take Adam steps on that level instead (the
+    authors' code uses Adam on both); the inner moments and their step count belong to the lower
+    level (reset with it).
 
     Across ranks ``∇_w g`` is averaged before it enters the square (``f + γ⟨∇_w g_r, mean⟩``).
 
@@ -47,7 +52,7 @@ class Penalty(Algorithm):
     """
 
     name = "penalty"
-    inner_keys = ("inner", "nu")
+    inner_keys = ("inner", "nu", "inner_m", "inner_s", "inner_t")
     hparams = {
         "inner_lr": (1e-2, lr),
         "outer_lr": (1e-2, lr),
@@ -61,13 +66,20 @@ class Penalty(Algorithm):
         "multiplier": (False, lambda n, v: bool(v)),
         "lr_decay": (1.0, factor),
         "gamma_lr_coef": (0.0, nonnegative),
+        "inner_optimizer": ("sgd", choice("sgd", "adam")),
+        "outer_optimizer": ("sgd", choice("sgd", "adam")),
     }
 
     def init(self, outer: Tree, inner: Tree) -> State:
         state = super().init(outer, inner)
         schedule = {"gamma": self.h["gamma"], "epsilon": self.h["epsilon"], "lam": self.h["lam"]}
         lrs = {"inner_lr": self.h["inner_lr"], "outer_lr": self.h["outer_lr"]}
-        return {**state, **schedule, **lrs, "nu": zeros(inner), "stage_steps": 0}
+        state = {**state, **schedule, **lrs, "nu": zeros(inner), "stage_steps": 0}
+        if self.h["inner_optimizer"] == "adam":
+            state |= {"inner_m": zeros(inner), "inner_s": zeros(inner), "inner_t": 0}
+        if self.h["outer_optimizer"] == "adam":
+            state |= {"outer_m": zeros(outer), "outer_s": zeros(outer)}
+        return state
 
     def gradients(
         self, state: State, w: Tree, x: Tree, inner_batch: Any, outer_batch: Any, outer: bool = True
@@ -96,10 +108,17 @@ class Penalty(Algorithm):
             dw, _, g = self.gradients(state, w, x, inner_batch, outer_batch, outer=False)
             if state["lam"]:
                 dw = tree.axpy(state["lam"], g, dw)
-            w = descend(w, dw, state["inner_lr"] / shrink)
+            moved = dw
+            if "inner_m" in state:
+                state, moved = adam(state, dw, state["inner_t"], "inner")
+                state["inner_t"] += 1
+            w = descend(w, moved, state["inner_lr"] / shrink)
         dw, dx, g = self.gradients(state, w, x, inner_batch, outer_batch)
         assert dx is not None
-        x = descend(x, dx, state["outer_lr"] / shrink)
+        moved = dx
+        if "outer_m" in state:
+            state, moved = adam(state, dx, state["t"])
+        x = descend(x, moved, state["outer_lr"] / shrink)
         # the schedule's test needs this number on every step (one scalar, same on every rank)
         residual = float(self.oracles.total_dot(dw, dw) + self.comm.dot(dx, dx))
         state = {**state, "inner": w, "outer": x, "t": state["t"] + 1, "stage_steps": state["stage_steps"] + 1}

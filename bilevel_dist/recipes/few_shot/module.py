@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from bilevel_dist import algorithms, tree
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.algorithms.double_loop import adam
+from bilevel_dist.algorithms.base import adam
 from bilevel_dist.lightning import BilevelModule
 from bilevel_dist.recipes.few_shot import models
 from bilevel_dist.recipes.few_shot.methods import KINDS, METHODS, Formulation
