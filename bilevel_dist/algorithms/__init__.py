@@ -12,6 +12,7 @@ from typing import Any
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.algorithms.base import Algorithm, Metrics, State
 from bilevel_dist.algorithms.double_loop import AID, BSA, HOAG, ITD, AmIGO, StocBiO
+from bilevel_dist.algorithms.federated import FedAvg, PerFedAvg, PFedMe
 from bilevel_dist.algorithms.first_order import BOME, F2SA, Penalty
 from bilevel_dist.algorithms.single_loop import FSLA, MRBO, SOBA, SUSTAIN, TTSA
 from bilevel_dist.algorithms.variance_reduced import SABA, SRBA, VRBO
@@ -42,12 +43,18 @@ REGISTRY: dict[str, type[Algorithm]] = {
 }
 
 
+#: server-side algorithms whose lower levels are clients (their outer step is an aggregation of
+#: the clients' updates, not a hypergradient step): usable by name, not among the bilevel methods
+FEDERATED: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, PFedMe, PerFedAvg)}
+ALL: dict[str, type[Algorithm]] = {**REGISTRY, **FEDERATED}
+
+
 def get(name: str, *, problem: BilevelProblem, **hparams: Any) -> Algorithm:
     """The algorithm registered as ``name`` for ``problem``; ``comm=`` and, for SRBA/VRBO,
     ``full_batches=`` may be passed beside the hyperparameters."""
-    if not isinstance(name, str) or name not in REGISTRY:
-        raise ConfigError("name", f"unknown algorithm {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](problem, **hparams)
+    if not isinstance(name, str) or name not in ALL:
+        raise ConfigError("name", f"unknown algorithm {name!r}; choose one of {', '.join(sorted(ALL))}")
+    return ALL[name](problem, **hparams)
 
 
-__all__ = ["REGISTRY", "Algorithm", "Metrics", "PerStep", "State", "get"]
+__all__ = ["ALL", "FEDERATED", "REGISTRY", "Algorithm", "Metrics", "PerStep", "State", "get"]

@@ -98,7 +98,7 @@ class BilevelModule(L.LightningModule):
         name = spec.pop("name", "aid")
         self.comm = Comm(sharded=per_sample)
         self.algorithm_name, self._spec = name, spec
-        needs = algorithms.REGISTRY[name].data_needs if name in algorithms.REGISTRY else {}
+        needs = algorithms.ALL[name].data_needs if name in algorithms.ALL else {}
         self.algorithm = self._make_algorithm(needs)  # checks the settings now, data stood in for
         if self.episodic and not self.algorithm.episodic:
             raise ConfigError("algorithm.name", f"{name} needs persistent inner variables, not an inner_init")
