@@ -125,6 +125,41 @@ def read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
+def read_mnist(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST's four IDX files in ``root`` (each possibly ``.gz``): ``(x, y, x_test, y_test)``,
+    images ``(n, 1, 28, 28)`` in [0, 1]."""
+    path = _directory(str(root), MNISTData.FILES, "MNIST")
+
+    def read(name: str) -> np.ndarray:
+        return read_idx(path / name if (path / name).is_file() else path / f"{name}.gz")
+
+    images, labels, test_images, test_labels = (read(n) for n in MNISTData.FILES)
+    to_x = lambda a: torch.as_tensor(a.copy(), dtype=torch.float32).unsqueeze(1) / 255.0  # noqa: E731
+    to_y = lambda a: torch.as_tensor(a.astype(np.int64))  # noqa: E731
+    return to_x(images), to_y(labels), to_x(test_images), to_y(test_labels)
+
+
+def read_cifar10(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CIFAR-10's python batches in ``root`` (``cifar-10-batches-py``): ``(x, y, x_test, y_test)``,
+    images ``(n, 3, 32, 32)`` in [0, 1]."""
+    path = _directory(str(root), CIFAR10Data.FILES, "CIFAR-10")
+
+    def read(name: str) -> tuple[Tensor, Tensor]:
+        with open(path / name, "rb") as f:
+            try:
+                batch = pickle.load(f, encoding="bytes")
+            except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+                raise ConfigError("root", f"{path / name} is not a CIFAR-10 python pickle: {error}") from None
+        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+            raise ConfigError("root", f"{path / name} has no b'data' / b'labels' entries")
+        x = torch.as_tensor(np.asarray(batch[b"data"], dtype=np.uint8)).reshape(-1, 3, 32, 32).float() / 255.0
+        return x, torch.as_tensor(batch[b"labels"], dtype=torch.int64)
+
+    parts = [read(name) for name in CIFAR10Data.FILES[:5]]
+    x_test, y_test = read("test_batch")
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), x_test, y_test
+
+
 class MNISTData(NoisyLabels):
     """MNIST from ``root`` holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each possibly ``.gz``); the paper's
@@ -136,15 +171,8 @@ class MNISTData(NoisyLabels):
         self.root = _directory(root, self.FILES, "MNIST")
         super().__init__(**kwargs)
 
-    def _read(self, name: str) -> np.ndarray:
-        path = self.root / name
-        return read_idx(path if path.is_file() else self.root / f"{name}.gz")
-
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        images, labels, test_images, test_labels = (self._read(n) for n in self.FILES)
-        to_x = lambda a: torch.as_tensor(a.copy(), dtype=torch.float32).unsqueeze(1) / 255.0  # noqa: E731
-        to_y = lambda a: torch.as_tensor(a.astype(np.int64))  # noqa: E731
-        return to_x(images), to_y(labels), to_x(test_images), to_y(test_labels)
+        return read_mnist(self.root)
 
 
 class CIFAR10Data(NoisyLabels):
@@ -157,21 +185,8 @@ class CIFAR10Data(NoisyLabels):
         self.root = _directory(root, self.FILES, "CIFAR-10")
         super().__init__(**kwargs)
 
-    def _read(self, name: str) -> tuple[Tensor, Tensor]:
-        with open(self.root / name, "rb") as f:
-            try:
-                batch = pickle.load(f, encoding="bytes")
-            except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-                raise ConfigError("root", f"{self.root / name} is not a CIFAR-10 python pickle: {error}") from None
-        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-            raise ConfigError("root", f"{self.root / name} has no b'data' / b'labels' entries")
-        x = torch.as_tensor(np.asarray(batch[b"data"], dtype=np.uint8)).reshape(-1, 3, 32, 32).float() / 255.0
-        return x, torch.as_tensor(batch[b"labels"], dtype=torch.int64)
-
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        parts = [self._read(name) for name in self.FILES[:5]]
-        x_test, y_test = self._read("test_batch")
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), x_test, y_test
+        return read_cifar10(self.root)
 
 
 class SVHNData(NoisyLabels):

@@ -31,7 +31,7 @@ from bilevel_dist.distributed import Comm
 from bilevel_dist.lightning.data import StepSampler
 from bilevel_dist.recipes.federated.partition import SCHEMES, WITH_REPLACEMENT_ABOVE, partition
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "mnist", "cifar10", "femnist")
 _ROUNDS_PER_EPOCH = 1000  # an "epoch" is only a unit for Lightning's loops
 
 
@@ -64,12 +64,28 @@ def _table(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 class Clients:
-    """The clients' data: ``x``, ``y`` and each client's sample indices, split into its local
-    training set and its own held-out set (a ``local_test`` share, none for a client of one
-    sample), padded into ``(K, n_max)`` tables (``-1`` past a client's size)."""
+    """The clients' data: each client's training samples (indices into ``x``, ``y``) and its own
+    held-out samples (indices into ``test_x``, ``test_y``), padded into ``(K, n_max)`` tables
+    (``-1`` past a client's size)."""
 
-    def __init__(self, x: Tensor, y: Tensor, parts: list[Tensor], local_test: float, seed: int) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        train: list[Tensor],
+        test: list[Tensor],
+        test_x: Tensor | None = None,
+        test_y: Tensor | None = None,
+    ) -> None:
         self.x, self.y = x, y
+        self.test_x, self.test_y = (x, y) if test_x is None else (test_x, test_y)
+        self.table, self.sizes = _table(train)
+        self.test_table, self.test_sizes = _table(test)
+
+    @classmethod
+    def split_locally(cls, x: Tensor, y: Tensor, parts: list[Tensor], local_test: float, seed: int) -> Clients:
+        """Each client keeps a ``local_test`` share of its samples as its own test set (none for
+        a client of one sample)."""
         generator = torch.Generator().manual_seed(seed + 7)
         train, test = [], []
         for p in parts:  # once, at setup
@@ -77,17 +93,19 @@ class Clients:
             held = int(local_test * len(p)) if len(p) > 1 else 0
             train.append(p[: len(p) - held].sort().values)
             test.append(p[len(p) - held :].sort().values)
-        self.table, self.sizes = _table(train)
-        self.test_table, self.test_sizes = _table(test)
+        return cls(x, y, train, test)
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def gather(self, ids: Tensor, split: str = "train") -> dict[str, Tensor]:
         """Clients ``ids``' samples of ``split``, padded to the largest: ``x``, ``y``, ``size``."""
-        table, sizes = (self.table, self.sizes) if split == "train" else (self.test_table, self.test_sizes)
+        if split == "train":
+            table, sizes, x, y = self.table, self.sizes, self.x, self.y
+        else:
+            table, sizes, x, y = self.test_table, self.test_sizes, self.test_x, self.test_y
         rows = table[ids, : max(int(sizes[ids].max()), 1) if len(ids) else 1].clamp_min(0)
-        return {"x": self.x[rows], "y": self.y[rows], "size": sizes[ids]}
+        return {"x": x[rows], "y": y[rows], "size": sizes[ids]}
 
 
 def local_schedule(sizes: Tensor, epochs: int, batch: int, generator: torch.Generator) -> Tensor:
@@ -146,7 +164,9 @@ class FederatedData(L.LightningDataModule):
     """A training set split over clients, sampled round by round; the global test set.
 
     Args:
-        dataset: ``digits`` (built in).
+        dataset: ``digits`` (built in), or ``mnist``, ``cifar10``, ``femnist`` read from ``root``
+            (:mod:`~bilevel_dist.recipes.federated.folders`; FEMNIST's clients are its writers).
+        root: the dataset's directory, for the ones read from disk.
         clients: ``K``, from 2 to 10,000 (past 1,000: samples assigned with replacement).
         partition: ``iid``, ``dirichlet`` (over labels, concentration ``alpha``) or ``shards``
             (McMahan's pathological split: ``shards_per_client`` label-sorted shards each).
@@ -190,8 +210,10 @@ class FederatedData(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise ConfigError("dataset", f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
-        if root is not None and not Path(root).is_dir():
-            raise ConfigError("root", f"{root} is not a directory")
+        if dataset != "digits" and root is None:
+            raise ConfigError("root", f"the {dataset} dataset is read from a local directory: set root")
+        if root is not None and not Path(root).expanduser().is_dir():
+            raise ConfigError("root", f"{root} is not a directory (the {dataset} dataset is read from it)")
         if partition not in SCHEMES:
             raise ConfigError("partition", f"unknown partition {partition!r}; choose one of {list(SCHEMES)}")
         if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
@@ -220,7 +242,8 @@ class FederatedData(L.LightningDataModule):
         if int(faults["nan"]) + int(faults["scaled"]) > self.sampled:
             raise ConfigError("faults", f"{faults['nan']} + {faults['scaled']} faulty clients > {self.sampled} sampled")
         self._data: tuple[Clients, dict[str, tuple[Tensor, Tensor]]] | None = None
-        self.client_data  # noqa: B018  (checks the partition against the data now: e.g. too many shards)
+        if dataset == "digits":  # bundled: checks the partition against the data now (e.g. too many shards)
+            self.client_data  # noqa: B018
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -234,12 +257,25 @@ class FederatedData(L.LightningDataModule):
 
     def _load(self) -> tuple[Clients, dict[str, tuple[Tensor, Tensor]]]:
         if self._data is None:
-            splits = digits(self.held_out, self.seed)
+            if self.dataset == "femnist":  # LEAF's writers are the clients: the partition is given
+                from bilevel_dist.recipes.federated.folders import femnist
+
+                splits, own, own_test = femnist(self.root)
+                (x, y), (test_x, test_y) = splits.pop("train"), splits["test"]
+                self.clients = len(own)
+                self._data = (Clients(x, y, own, own_test, test_x, test_y), splits)
+                return self._data
+            if self.dataset == "digits":
+                splits = digits(self.held_out, self.seed)
+            else:
+                from bilevel_dist.recipes.federated import folders
+
+                splits = getattr(folders, self.dataset)(self.root)
             x, y = splits.pop("train")
             parts = partition(
                 y, self.clients, self.scheme, self.alpha, self.shards_per_client, self.samples_per_client, self.seed
             )
-            self._data = (Clients(x, y, parts, self.local_test, self.seed), splits)
+            self._data = (Clients.split_locally(x, y, parts, self.local_test, self.seed), splits)
         return self._data
 
     @property
