@@ -62,6 +62,12 @@ def test_two_clients_of_unequal_size_average_exactly_as_by_hand(float64):
         - (3 * 0.5 * torch.tensor([1.0 - 3, -1 - 2]) + 7 * 0.5 * torch.tensor([1.0 - 7, -1 - 7])) / 10
     )
     assert torch.equal(state["outer"]["w"], by_hand), (state["outer"]["w"], by_hand)
+    uniform = algorithms.get("fedavg", problem=problem, local_lr=0.5, weighting="uniform")
+    state, _ = uniform.step(uniform.restart(uniform.init(w, {}), {}), batch, batch)
+    by_hand = (
+        torch.tensor([1.0, -1.0]) - (0.5 * torch.tensor([1.0 - 3, -1 - 2]) + 0.5 * torch.tensor([1.0 - 7, -1 - 7])) / 2
+    )
+    assert torch.equal(state["outer"]["w"], by_hand)
 
 
 def _module(method="fedavg", **algorithm):

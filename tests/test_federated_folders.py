@@ -93,3 +93,26 @@ def test_missing_or_malformed_folders_name_the_root(tmp_path):
     with pytest.raises(ConfigError) as error:
         FederatedData("femnist", root=str(tmp_path)).client_data  # noqa: B018
     assert error.value.key == "root" and "LEAF" in str(error.value)
+
+
+def test_every_shipped_config_runs_two_rounds(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from bilevel_dist.cli import main
+
+    recipes = Path(__file__).parents[1] / "recipes" / "federated"
+    write_mnist(tmp_path / "mnist", n_train=300, n_test=20)
+    write_cifar(tmp_path / "cifar", per_batch=30)
+    write_leaf(tmp_path / "femnist")
+    roots = {"mnist": tmp_path / "mnist", "cifar10": tmp_path / "cifar", "femnist": tmp_path / "femnist"}
+    monkeypatch.chdir(tmp_path)  # the configs' checkpoints and logs land here
+    configs = sorted(recipes.glob("*.yaml"))
+    assert len(configs) >= 5
+    for config in configs:
+        dataset = next((name for name in roots if config.name.startswith(name)), None)
+        extra = ["--data.init_args.root", str(roots[dataset])] if dataset else []
+        quick = ["--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+        quick += ["--trainer.limit_val_batches", "1"]
+        code = main(["fit", "--config", str(config), *quick, *extra])
+        assert code in (0, None), (config.name, capsys.readouterr().err[-2000:])
+        assert list(tmp_path.glob(f"checkpoints/federated/{config.stem}/*.ckpt")), config.name

@@ -13,7 +13,8 @@ client's training equals its own run), ``"size"`` (its number of samples), ``"dr
 ``"index"`` (the client's id). The problem's inner loss reads ``batch["weight"]`` for the
 current local step (the algorithm hands it one step's slice).
 
-Aggregators (``aggregator``): ``mean`` (weighted by client data size, McMahan et al.),
+Aggregators (``aggregator``): ``mean`` (weighted by client data size as McMahan et al., or
+``weighting="uniform"``: each client alike, as the Inverting Gradients thesis words it),
 ``median`` and ``trimmed_mean`` (coordinate-wise over the valid clients, unweighted), each after
 optional per-client norm clipping (``clip``). DP-FedAvg (``noise_multiplier > 0``) clips every
 update to ``clip``, averages with the fixed denominator ``m`` (the sampled clients) and adds
@@ -72,6 +73,7 @@ class FedAvg(Algorithm):
         "beta2": (0.99, fraction),
         "tau": (1e-3, lr),
         "aggregator": ("mean", _aggregator),
+        "weighting": ("size", choice("size", "uniform")),
         "trim": (0.2, fraction),
         "clip": (None, lr),
         "noise_multiplier": (0.0, nonnegative),
@@ -173,7 +175,8 @@ class FedAvg(Algorithm):
             if name != "mean":
                 rows.append(flat)
                 continue
-            weight = torch.ones_like(part["size"], dtype=flat.dtype) if private else part["size"].to(flat.dtype)
+            uniform = private or self.h["weighting"] == "uniform"
+            weight = torch.ones_like(part["size"], dtype=flat.dtype) if uniform else part["size"].to(flat.dtype)
             weight = weight * valid
             here = torch.cat(
                 [(weight[:, None] * flat).sum(0), weight.sum().reshape(1), valid.sum().reshape(1).to(flat)]

@@ -24,16 +24,19 @@ method's personalisation; the global model itself for the FedAvg family).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torchmetrics.classification import MulticlassAccuracy
 
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.lightning.module import BilevelModule
+from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -195,6 +198,15 @@ class Federated(BilevelModule):
         return (per_client * batch["share"].to(losses)).sum()
 
     # -- training ----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        data = getattr(self.trainer, "datamodule", None)
+        if data is not None and hasattr(data, "client_data") and self.trainer.is_global_zero:
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = client_plot(data.client_data, out / "federated_clients.png")
+            log_image(self.loggers, "federated_clients", path)
+            rank_zero_info(f"clients' data sizes and labels: {path}")
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         excluded = getattr(self.algorithm, "excluded", [])
         if excluded:  # by id, from the rank that held them
@@ -255,6 +267,37 @@ class Federated(BilevelModule):
         }
 
     def on_test_epoch_end(self) -> None:
+        self.results = {"test_accuracy": float(self.test_accuracy.compute())}
         for name, counts in self._client_counts.items():
             total = self.comm.sum({"counts": counts.clone()})["counts"]
-            self.log(f"test_{name}_accuracy", float(total[0] / total[1].clamp_min(1)), sync_dist=False)
+            self.results[f"test_{name}_accuracy"] = float(total[0] / total[1].clamp_min(1))
+            self.log(f"test_{name}_accuracy", self.results[f"test_{name}_accuracy"], sync_dist=False)
+        lines = ["federated test (global model; on the clients' own held-out samples: global, personalised):"]
+        rank_zero_info("\n".join(lines + [f"  {k} {v:.4f}" for k, v in self.results.items()]))
+
+
+def client_plot(clients: Any, path: Path, shown: int = 40) -> Path:
+    """The partition at a glance: the histogram of the clients' training-set sizes, and the
+    label mix of the first ``shown`` clients (stacked bars)."""
+    plt = pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = clients.sizes
+    classes = int(clients.y.max()) + 1
+    ids = torch.arange(min(shown, len(clients)))
+    rows = clients.table[ids].clamp_min(0)
+    real = clients.table[ids] >= 0
+    counts = torch.zeros(len(ids), classes, dtype=torch.float64)
+    counts.scatter_add_(1, clients.y[rows] * real, real.to(torch.float64))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.hist(sizes.numpy(), bins=min(40, max(5, len(sizes) // 5)), color="tab:blue")
+    left.set(xlabel="training samples per client", ylabel="clients", title=f"{len(sizes)} clients")
+    bottom = torch.zeros(len(ids))
+    cmap = plt.get_cmap("tab10" if classes <= 10 else "tab20")
+    for c in range(classes):
+        right.bar(ids.numpy(), counts[:, c].numpy(), bottom=bottom.numpy(), color=cmap(c % cmap.N), width=0.9)
+        bottom += counts[:, c]
+    right.set(xlabel="client", ylabel="samples", title=f"label mix of the first {len(ids)} clients")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
