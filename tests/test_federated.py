@@ -159,26 +159,27 @@ def test_local_schedule_covers_each_sample_once_per_epoch_in_minibatches():
         assert not weight[:, c, n:].any()
 
 
-def _fit(aggregator, faults=None, dropout=0.0, rounds=60):
+def _fit(root, aggregator, faults=None, dropout=0.0, rounds=60):
     L.seed_everything(0, verbose=False)
     data = FederatedData(
         clients=100, partition="iid", fraction=0.1, epochs=5, local_batch=10, dropout=dropout, faults=faults
     )
     model = Federated("fedavg", algorithm={"local_lr": 0.1, "aggregator": aggregator})
     trainer = L.Trainer(max_steps=rounds, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=os.devnull)  # fmt: skip
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=root)  # fmt: skip
     trainer.fit(model, data)
-    return trainer.test(model, data, verbose=False)[0]["test_accuracy"], model
+    trainer.test(model, data, verbose=False)
+    return model.results["test_accuracy"], model
 
 
 @pytest.mark.slow
-def test_faulty_rounds_complete_and_robust_aggregation_stays_within_two_points():
+def test_faulty_rounds_complete_and_robust_aggregation_stays_within_two_points(tmp_path):
     # every round: 20% of the sampled clients drop out, one sends NaN, one sends its update ×100
     faults = {"nan": 1, "scaled": 1, "scale": 100.0}
-    clean, _ = _fit("mean")
+    clean, _ = _fit(tmp_path, "mean")
     results = {}
     for aggregator in ("mean", "median", "trimmed_mean"):
-        accuracy, model = _fit(aggregator, faults, dropout=0.2)
+        accuracy, model = _fit(tmp_path, aggregator, faults, dropout=0.2)
         assert model.global_step == 60 and all(torch.isfinite(v).all() for v in model.outer.values())
         results[aggregator] = accuracy
     print("clean", clean, "faulty", results)
@@ -195,7 +196,26 @@ def test_a_round_leaves_out_dropped_and_non_finite_clients_by_id(float64, caplog
     state, metrics = model.algorithm.step(state, batch, batch)
     left_out = sorted(batch["index"][batch["dropped"] | (batch["fault"] == 1)].tolist())
     assert sorted(model.algorithm.excluded) == left_out and len(left_out) >= 2
+    assert model.algorithm.non_finite == batch["index"][batch["fault"] == 1].tolist()
     assert metrics.floats()["clients_used"] == 10 - len(left_out)
+    assert all(torch.isfinite(v).all() for v in state["outer"].values())
+
+
+def test_a_client_whose_local_solve_fails_sits_the_round_out(float64):
+    model, data = _module(client_chunk=4)
+    batch = as64(data.round(0)["inner"])
+    step = model.algorithm.local_step
+
+    def failing(theta, w, part, s):
+        if 5 in part["index"].tolist():
+            raise RuntimeError("out of memory (simulated)")
+        return step(theta, w, part, s)
+
+    model.algorithm.local_step = failing
+    state = model.algorithm.restart(model.state, model.inner_init(model.state["outer"], batch))
+    state, metrics = model.algorithm.step(state, batch, batch)
+    chunk = next(part["index"].tolist() for _, part in model.algorithm.chunks(batch) if 5 in part["index"].tolist())
+    assert model.algorithm.failed == chunk and metrics.floats()["clients_used"] == 16 - len(chunk)
     assert all(torch.isfinite(v).all() for v in state["outer"].values())
 
 

@@ -27,6 +27,7 @@ Server optimisers (Reddi et al. 2021, no bias correction, ``τ`` their ``ε``): 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,7 @@ from bilevel_dist.algorithms.base import Algorithm, State, choice, count, fracti
 from bilevel_dist.metrics import Metrics
 from bilevel_dist.tree import Tree
 
+_log = logging.getLogger(__name__)
 AGGREGATORS = ("mean", "median", "trimmed_mean")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 
@@ -169,8 +171,16 @@ class FedAvg(Algorithm):
         private = self.h["noise_multiplier"] > 0
         name = self.h["aggregator"]
         sums, rows, valids = None, [], []
+        self.failed: list[int] = []
         for _, part in self.chunks(batch):
-            flat, valid = self.updates(w, part)
+            try:
+                flat, valid = self.updates(w, part)
+            except RuntimeError as error:  # a real failure inside the local solve: the chunk sits out
+                size = sum(v.numel() for v in w.values())
+                flat = next(iter(w.values())).new_zeros(part["x"].shape[0], size)
+                valid = torch.zeros(part["x"].shape[0], dtype=torch.bool, device=flat.device)
+                self.failed += part["index"][part["index"] >= 0].tolist()
+                _log.warning("local training of clients %s failed (%s): left out", self.failed, error)
             valids.append(valid)
             if name != "mean":
                 rows.append(flat)
@@ -203,7 +213,9 @@ class FedAvg(Algorithm):
             )
         sizes = [v.numel() for v in w.values()]
         direction = {k: p.view_as(w[k]) for k, p in zip(w, aggregate.split(sizes), strict=True)}
-        self.excluded = batch["index"][~valid & (batch["index"] >= 0)].tolist()  # by id (-1: padding); logged
+        real, dropped = batch["index"] >= 0, batch["dropped"].bool()  # id -1: a padding row
+        self.excluded = batch["index"][~valid & real].tolist()  # by id, logged by the module
+        self.non_finite = sorted(set(batch["index"][~valid & real & ~dropped].tolist()) - set(self.failed))
         return direction, {"clients_used": float(kept), "clients_excluded": float(batch["sampled"][0]) - float(kept)}
 
     # -- server optimiser --------------------------------------------------------------------

@@ -89,10 +89,39 @@ def _quote(args: list[str]) -> list[str]:
     return [f"'{a}'" if a.startswith("{") else a for a in args]
 
 
+def plot() -> Path:
+    """Validation accuracy against round, every method, one panel per partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ROWS), figsize=(5 * len(ROWS), 3.8), sharey=True)
+    for ax, (partition, methods) in zip(axes, ROWS.items(), strict=True):
+        for method in methods:
+            found = list((WORK / partition / method).glob("logs/**/metrics.csv"))
+            if not found:
+                continue
+            rows = [r for r in csv.DictReader(found[0].open()) if r.get("val_accuracy")]
+            ax.plot([int(r["step"]) + 1 for r in rows], [100 * float(r["val_accuracy"]) for r in rows], label=method)
+        ax.axhline(90, color="grey", lw=0.8, ls=":")
+        ax.set(title=f"digits, 100 clients, {partition}", xlabel="round", ylim=(40, 100))
+        ax.legend(loc="lower right")
+    axes[0].set_ylabel("global model, validation accuracy %")
+    fig.tight_layout()
+    path = HERE / "federated_curves.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", default=list(ROWS))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the curves from the last runs")
     options = parser.parse_args()
+    if options.plot_only:
+        print(plot())
+        return
     jobs = [(p, m) for p in options.only for m in ROWS[p]]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda job: run(*job), jobs))
@@ -117,6 +146,7 @@ def main() -> None:
         )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(plot())
 
 
 if __name__ == "__main__":

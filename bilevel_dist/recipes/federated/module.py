@@ -201,18 +201,21 @@ class Federated(BilevelModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         data = getattr(self.trainer, "datamodule", None)
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # on every rank: a broadcast under DDP
         if data is not None and hasattr(data, "client_data") and self.trainer.is_global_zero:
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             path = client_plot(data.client_data, out / "federated_clients.png")
             log_image(self.loggers, "federated_clients", path)
             rank_zero_info(f"clients' data sizes and labels: {path}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        excluded = getattr(self.algorithm, "excluded", [])
-        if excluded:  # by id, from the rank that held them
-            log.warning(
-                "round %d: clients %s left out (dropped or a non-finite update)", self.global_step - 1, excluded
-            )
+        # by id, from the rank that held them: a non-finite update is a warning, a dropout news
+        non_finite = getattr(self.algorithm, "non_finite", [])
+        failed = getattr(self.algorithm, "failed", [])  # warned by the algorithm
+        dropped = sorted(set(getattr(self.algorithm, "excluded", [])) - set(non_finite) - set(failed))
+        if non_finite:
+            log.warning("round %d: clients %s sent a non-finite update: left out", self.global_step - 1, non_finite)
+        if dropped:
+            log.info("round %d: clients %s dropped out", self.global_step - 1, dropped)
 
     # -- evaluation --------------------------------------------------------------------------
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
