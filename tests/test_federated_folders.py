@@ -106,7 +106,7 @@ def test_every_shipped_config_runs_two_rounds(tmp_path, monkeypatch, capsys):
     write_leaf(tmp_path / "femnist")
     roots = {"mnist": tmp_path / "mnist", "cifar10": tmp_path / "cifar", "femnist": tmp_path / "femnist"}
     monkeypatch.chdir(tmp_path)  # the configs' checkpoints and logs land here
-    configs = sorted(recipes.glob("*.yaml"))
+    configs = sorted(c for c in recipes.glob("*.yaml") if not c.name.startswith("search"))
     assert len(configs) >= 5
     for config in configs:
         dataset = next((name for name in roots if config.name.startswith(name)), None)

@@ -46,15 +46,22 @@ REGISTRY: dict[str, type[Algorithm]] = {
 #: server-side algorithms whose lower levels are clients (their outer step is an aggregation of
 #: the clients' updates, not a hypergradient step): usable by name, not among the bilevel methods
 FEDERATED: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, PFedMe, PerFedAvg)}
-ALL: dict[str, type[Algorithm]] = {**REGISTRY, **FEDERATED}
+
+
+def find(name: str) -> type[Algorithm] | None:
+    """The class registered as ``name`` in :data:`REGISTRY` or :data:`FEDERATED` (looked up at
+    call time: a user may register an algorithm), or ``None``."""
+    return REGISTRY.get(name) or FEDERATED.get(name) if isinstance(name, str) else None
 
 
 def get(name: str, *, problem: BilevelProblem, **hparams: Any) -> Algorithm:
     """The algorithm registered as ``name`` for ``problem``; ``comm=`` and, for SRBA/VRBO,
     ``full_batches=`` may be passed beside the hyperparameters."""
-    if not isinstance(name, str) or name not in ALL:
-        raise ConfigError("name", f"unknown algorithm {name!r}; choose one of {', '.join(sorted(ALL))}")
-    return ALL[name](problem, **hparams)
+    cls = find(name)
+    if cls is None:
+        known = sorted({**REGISTRY, **FEDERATED})
+        raise ConfigError("name", f"unknown algorithm {name!r}; choose one of {', '.join(known)}")
+    return cls(problem, **hparams)
 
 
-__all__ = ["ALL", "FEDERATED", "REGISTRY", "Algorithm", "Metrics", "PerStep", "State", "get"]
+__all__ = ["FEDERATED", "REGISTRY", "Algorithm", "Metrics", "PerStep", "State", "find", "get"]

@@ -98,7 +98,8 @@ class BilevelModule(L.LightningModule):
         name = spec.pop("name", "aid")
         self.comm = Comm(sharded=per_sample)
         self.algorithm_name, self._spec = name, spec
-        needs = algorithms.ALL[name].data_needs if name in algorithms.ALL else {}
+        found = algorithms.find(name)
+        needs = found.data_needs if found is not None else {}
         self.algorithm = self._make_algorithm(needs)  # checks the settings now, data stood in for
         if self.episodic and not self.algorithm.episodic:
             raise ConfigError("algorithm.name", f"{name} needs persistent inner variables, not an inner_init")
