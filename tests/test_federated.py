@@ -241,7 +241,9 @@ def test_two_processes_equal_one_with_no_collective_in_local_training(tmp_path):
     worst = {}
     for name in federated_fit.RUNS:
         ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)]
-        one, _, _ = federated_fit.fit(name, devices=1)
+        one, _, _, scores = federated_fit.fit(name, devices=1)
+        for rank in ranks:  # validation and test (global, per client, personalised) as on 1 process
+            assert rank["scores"] == pytest.approx(scores, rel=1e-12, abs=0), (name, rank["scores"], scores)
         assert len(one) == federated_fit.ROUNDS
         worst[name] = 0.0
         for r0, r1, single in zip(ranks[0]["rounds"], ranks[1]["rounds"], one, strict=True):

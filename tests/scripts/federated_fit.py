@@ -1,6 +1,7 @@
 """Federated rounds under Lightning, 1 or 2 DDP processes with the same sampled clients.
 ``python federated_fit.py OUT DEVICES`` saves, per run and rank, every round's global model and
-the collectives issued inside local training and inside each whole round."""
+the collectives issued inside local training and inside each whole round, and the validation
+and test scores after the last round."""
 
 import sys
 import tempfile
@@ -64,7 +65,6 @@ def fit(name: str, devices: int) -> tuple[list, list, list]:
         strategy="ddp" if devices > 1 else "auto",
         precision="64-true",
         max_steps=ROUNDS,
-        limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -73,13 +73,20 @@ def fit(name: str, devices: int) -> tuple[list, list, list]:
         default_root_dir=tempfile.mkdtemp(prefix="bilevel_dist_test_"),
     )
     model = Federated("fedavg", algorithm={**algorithm, "client_chunk": 2}, hidden=8)
-    trainer.fit(model, FederatedData(epochs=2, local_batch=5, **data))
-    return record.rounds, record.local, record.whole
+    federated = FederatedData(epochs=2, local_batch=5, **data)
+    trainer.fit(model, federated)
+    # evaluation on unpadded per-rank shares: the same numbers whatever the number of processes
+    scores = trainer.validate(model, federated, verbose=False)[0]
+    trainer.test(model, federated, verbose=False)
+    scores |= model.results
+    return record.rounds, record.local, record.whole, scores
 
 
 if __name__ == "__main__":
+    torch.set_default_dtype(torch.float64)  # as the test process (conftest): Lightning logs in it
     out, devices = sys.argv[1], int(sys.argv[2])
     for name in RUNS:
-        rounds, local, whole = fit(name, devices)
+        rounds, local, whole, scores = fit(name, devices)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.save({"rounds": rounds, "local": local, "whole": whole}, f"{out}/{name}_rank{rank}.pt")
+        saved = {"rounds": rounds, "local": local, "whole": whole, "scores": scores}
+        torch.save(saved, f"{out}/{name}_rank{rank}.pt")

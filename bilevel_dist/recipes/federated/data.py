@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from bilevel_dist._checks import ConfigError, positive_int, setting
 from bilevel_dist.distributed import Comm
@@ -149,7 +149,8 @@ class _ClientEval(Dataset):
     """Item ``i``: chunk ``i`` of the clients, their training and held-out samples."""
 
     def __init__(self, data: FederatedData) -> None:
-        self.data, self.chunks = data, data.client_chunks()
+        comm = Comm()
+        self.data, self.chunks = data, data.client_chunks()[comm.rank :: comm.world_size]  # this rank's
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -348,11 +349,20 @@ class FederatedData(L.LightningDataModule):
         return DataLoader(_Rounds(self), batch_size=None, sampler=StepSampler(_ROUNDS_PER_EPOCH, position))
 
     def client_chunks(self) -> list[Tensor]:
-        """Client ids in evaluation chunks."""
-        return list(torch.arange(self.clients).split(self.eval_clients))
+        """Client ids in evaluation chunks, small enough that every rank gets one."""
+        clients = len(self.client_data)
+        size = min(self.eval_clients, -(-clients // Comm().world_size))
+        return list(torch.arange(clients).split(size))
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(TensorDataset(*self.held_out_set(split)), batch_size=self.eval_batch, shuffle=False)
+        """This rank's share of a held-out set: samples ``rank, rank + W, ...``, unpadded (a
+        padded sampler would count a sample twice), behind a one-replica ``DistributedSampler``
+        that Lightning keeps."""
+        x, y = self.held_out_set(split)
+        comm = Comm()
+        mine = TensorDataset(x[comm.rank :: comm.world_size], y[comm.rank :: comm.world_size])
+        sampler = DistributedSampler(mine, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(mine, batch_size=self.eval_batch, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -360,7 +370,9 @@ class FederatedData(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """The global test set, then every client's own held-out samples (with its training
         samples, to personalise from)."""
-        return [self._eval_loader("test"), DataLoader(_ClientEval(self), batch_size=None)]
+        clients = _ClientEval(self)
+        sampler = DistributedSampler(clients, num_replicas=1, rank=0, shuffle=False)  # ranks dealt already
+        return [self._eval_loader("test"), DataLoader(clients, batch_size=None, sampler=sampler)]
 
 
 def _axis(key: str) -> int:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from bilevel_dist._checks import ConfigError
@@ -138,6 +139,8 @@ class Federated(BilevelModule):
         self._net: nn.Module | None = None
         self.val_accuracy = MulticlassAccuracy(classes or 2, average="micro")
         self.test_accuracy = MulticlassAccuracy(classes or 2, average="micro")
+        # float64 sums whatever the precision: the mean over unequal rank shares is then exact
+        self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
 
     # -- the network -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -223,8 +226,10 @@ class Federated(BilevelModule):
         outer = self.outer
         scores = functional_call(self.net, outer, (x.to(next(iter(outer.values()))),))
         metric = self.val_accuracy if stage == "val" else self.test_accuracy
+        mean_loss = self.val_loss if stage == "val" else self.test_loss
         metric.update(scores, y)
-        self.log(f"{stage}_loss", F.cross_entropy(scores, y), sync_dist=True, batch_size=len(y))
+        mean_loss.update(F.cross_entropy(scores, y), weight=len(y))  # ranks may hold unequal shares
+        self.log(f"{stage}_loss", mean_loss, batch_size=len(y))
         self.log(f"{stage}_accuracy", metric, batch_size=len(y))
 
     def on_validation_epoch_end(self) -> None:
