@@ -34,10 +34,10 @@ def write_leaf(root, writers=6, side=28):
             (root / split / f"all_data_{part}.json").write_text(json.dumps(blob))
 
 
-def two_rounds(data, model="mlp"):
+def two_rounds(data, root, model="mlp"):
     module = Federated("fedavg", algorithm={"local_lr": 0.05}, model=model, hidden=8)
     trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=root)  # fmt: skip
     trainer.fit(module, data)
     results = {}
     for row in trainer.test(module, data, verbose=False):
@@ -58,7 +58,7 @@ def test_mnist_and_cifar10_from_their_folders(tmp_path, dataset):
         180 if dataset == "mnist" else 180
     )  # a tenth is validation
     assert len(data.held_out_set("test")[1]) == (30 if dataset == "mnist" else 40)
-    module, results = two_rounds(data)  # the CNN runs in the shipped-config test
+    module, results = two_rounds(data, tmp_path)  # the CNN runs in the shipped-config test
     assert module.global_step == 2 and 0.0 <= results["test_accuracy"] <= 1.0
     assert all(torch.isfinite(v).all() for v in module.outer.values())
 
@@ -73,7 +73,7 @@ def test_femnist_writers_are_the_clients(tmp_path):
     ]
     own = clients.gather(torch.tensor([2]), "test")  # writer 2's LEAF test samples are its held-out set
     assert own["y"][0, :5].tolist() == [(2 + j) % 62 for j in range(5)]
-    module, results = two_rounds(data)
+    module, results = two_rounds(data, tmp_path)
     assert module.global_step == 2 and {"test_accuracy", "test_client_accuracy", "test_personal_accuracy"} <= set(
         results
     )
