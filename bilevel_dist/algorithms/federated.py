@@ -46,10 +46,6 @@ AGGREGATORS = ("mean", "median", "trimmed_mean")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 
 
-def _aggregator(name: str, value: Any) -> str:
-    return choice(*AGGREGATORS)(name, value)
-
-
 class FedAvg(Algorithm):
     """FedAvg / FedSGD / FedProx with a server optimiser and robust or private aggregation.
 
@@ -64,8 +60,6 @@ class FedAvg(Algorithm):
     """
 
     name = "fedavg"
-    episodic = True
-    inner_keys = ("inner",)
     hparams = {
         "local_lr": (0.1, lr),
         "prox": (0.0, nonnegative),
@@ -74,7 +68,7 @@ class FedAvg(Algorithm):
         "server_momentum": (0.9, fraction),
         "beta2": (0.99, fraction),
         "tau": (1e-3, lr),
-        "aggregator": ("mean", _aggregator),
+        "aggregator": ("mean", choice(*AGGREGATORS)),
         "weighting": ("size", choice("size", "uniform")),
         "trim": (0.2, fraction),
         "clip": (None, lr),
@@ -195,7 +189,7 @@ class FedAvg(Algorithm):
         valid = torch.cat(valids)
         if name == "mean":
             assert sums is not None
-            totals = _all_reduce(sums) if self.comm.active else sums
+            totals = self.comm.sum({"totals": sums})["totals"]
             numerator, denominator, kept = totals[:-2], totals[-2], totals[-1]
             if private:  # DP-FedAvg: the fixed denominator, the sampled clients (McMahan et al. 2018)
                 denominator = batch["sampled"][0].to(numerator.dtype)
@@ -235,12 +229,6 @@ class FedAvg(Algorithm):
             v = {k: s - (1 - b2) * d[k] ** 2 * torch.sign(s - d[k] ** 2) for k, s in state["server_v"].items()}
         moved = {k: m[k] / (v[k].sqrt() + self.h["tau"]) for k in m}
         return {**state, "server_m": m, "server_v": v}, moved
-
-
-def _all_reduce(flat: Tensor) -> Tensor:
-    flat = flat.clone()
-    dist.all_reduce(flat)
-    return flat
 
 
 def _all_gather_rows(flat: Tensor, valid: Tensor, comm: Any) -> tuple[Tensor, Tensor]:
@@ -301,7 +289,6 @@ class PFedMe(FedAvg):
         "personal_lr": (0.05, lr),
         "personal_steps": (5, count),
         "lam": (15.0, lr),
-        "server_lr": (1.0, lr),
     }
 
     def personal(self, theta: Tree, anchor: Tree, batch: dict[str, Tensor], steps: int) -> Tree:
