@@ -290,6 +290,37 @@ def test_a_two_worker_trial_equals_the_one_process_replay_of_its_shards(head, tm
     assert float(row["val_outer_loss"]) == pytest.approx(replay, rel=1e-10, abs=0)
 
 
+def test_a_two_worker_federated_trial_equals_one_process(head, tmp_path):
+    """The federated recipe as a Ray Train trial of 2 workers: the sampled clients split across
+    them, one all-reduce a round; the same run in one process gives the same validation loss."""
+    recipe = ROOT / "recipes" / "federated" / "digits_fedavg.yaml"
+    budget = {"trainer.max_steps": 6, "trainer.val_check_interval": 3, "trainer.precision": "64-true"}
+    search = _search(
+        tmp_path / "search.yaml",
+        metric="val_loss",
+        mode="min",
+        space={"model.algorithm.local_lr": {"grid": [0.1]}},
+        fixed=budget,
+        include_recipe=False,
+        workers=2,
+        resources={"cpu": 1},
+    )
+    run = _tune(head, "--config", str(recipe), "--search", str(search), "--name", "fed", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = _results(tmp_path / "sweeps" / "fed")
+    assert row["status"] == "OK" and row["step"] == "6"
+    overrides = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.precision", "64-true"]
+    one = tmp_path / "one"
+    one.mkdir()
+    command = [sys.executable, "-m", "bilevel_dist.cli", "fit", "--config", str(recipe), *overrides]
+    fit = subprocess.run(command, cwd=one, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    (metrics,) = one.glob("**/version_0/metrics.csv")
+    replay = _last_validation(metrics, "val_loss")
+    print(f"\n2-worker federated trial val_loss {row['val_loss']}, 1 process {replay!r}")
+    assert float(row["val_loss"]) == pytest.approx(replay, rel=1e-10, abs=0)
+
+
 # -- mistakes caught before any trial ----------------------------------------------------------
 
 GOOD = {
