@@ -18,7 +18,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bilevel_dist.shared_memory import SharedMemorySum
 from bilevel_dist.tree import Tree
+
+_SHARED: dict[object, SharedMemorySum | None] = {}
+
+
+def _shared_sum(group: dist.ProcessGroup | None) -> SharedMemorySum | None:
+    """The group's shared-memory sum, made on its first reduction (a collective: every rank
+    reduces at the same point)."""
+    key = group if group is not None else dist.group.WORLD
+    if key not in _SHARED:
+        _SHARED[key] = SharedMemorySum.create(group)
+    return _SHARED[key]
 
 
 def shard_rows(n: int, rank: int, world_size: int) -> Tensor:
@@ -81,10 +93,21 @@ class Comm:
 
                 flat = all_reduce(flat, group=self.group)
             else:
-                dist.all_reduce(flat, group=self.group)
+                flat = self._sum_buffer(flat)
             parts = flat.div(world).split([tree[k].numel() for k in shared])
             out |= {k: part.view_as(tree[k]) for k, part in zip(shared, parts, strict=True)}
         return {k: out[k] for k in tree}
+
+    def _sum_buffer(self, flat: Tensor) -> Tensor:
+        """The sum of ``flat`` over the ranks, bitwise the same on every rank: through shared
+        memory where the ranks share a host (:mod:`bilevel_dist.shared_memory`), else one
+        all-reduce."""
+        summer = _shared_sum(self.group)
+        if summer is not None and summer.fits(flat):
+            return summer(flat)
+        flat = flat.clone()
+        dist.all_reduce(flat, group=self.group)
+        return flat
 
     def mean_value(self, value: Tensor) -> Tensor:
         """Averages one tensor over the ranks."""
@@ -99,8 +122,7 @@ class Comm:
             return torch.as_tensor(replicated)
         local = sum((a[k] * b[k]).sum() for k in shards)
         if self.active:
-            local = local.clone()
-            dist.all_reduce(local, group=self.group)
+            local = self._sum_buffer(local.reshape(1)).reshape(())
         return replicated + local
 
     def norm(self, a: Tree) -> Tensor:

@@ -1,6 +1,9 @@
-"""Counting ``torch.distributed`` collectives, for tests that state how many a step makes."""
+"""Counting ``torch.distributed`` collectives, and the shared-memory sums that stand in for
+all-reduces on one host, for tests that state how many a step makes."""
 
 import torch.distributed as dist
+
+from bilevel_dist.shared_memory import SharedMemorySum
 
 COLLECTIVES = (
     "all_reduce",
@@ -29,8 +32,11 @@ class CountCollectives:
 
         for name, fn in self.saved.items():
             setattr(dist, name, counted(fn))
+        self.shared_call = SharedMemorySum.__call__
+        SharedMemorySum.__call__ = counted(self.shared_call)
         return self
 
     def __exit__(self, *exc):
         for name, fn in self.saved.items():
             setattr(dist, name, fn)
+        SharedMemorySum.__call__ = self.shared_call
