@@ -33,6 +33,16 @@ def _shared_sum(group: dist.ProcessGroup | None) -> SharedMemorySum | None:
     return _SHARED[key]
 
 
+def _total(parts: list[Tensor]) -> Tensor | float:
+    """``parts[0] + parts[1] + ...`` without ``sum``'s extra ``0 +`` (one tensor op each)."""
+    if not parts:
+        return 0.0
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def shard_rows(n: int, rank: int, world_size: int) -> Tensor:
     """The global row ids that ``rank`` owns out of ``n``: ``rank, rank + W, ...``."""
     return torch.arange(rank, n, world_size)
@@ -116,11 +126,11 @@ class Comm:
     def dot(self, a: Tree, b: Tree) -> Tensor:
         """``⟨a, b⟩`` over the whole (global) tree: sharded leaves summed over their owners."""
         keys = list(a)
-        replicated = sum((a[k] * b[k]).sum() for k in keys if k not in self.sharded)
+        replicated = _total([(a[k] * b[k]).sum() for k in keys if k not in self.sharded])
         shards = [k for k in keys if k in self.sharded]
         if not shards:
-            return torch.as_tensor(replicated)
-        local = sum((a[k] * b[k]).sum() for k in shards)
+            return replicated if isinstance(replicated, Tensor) else torch.as_tensor(replicated)
+        local = _total([(a[k] * b[k]).sum() for k in shards])
         if self.active:
             local = self._sum_buffer(local.reshape(1)).reshape(())
         return replicated + local
