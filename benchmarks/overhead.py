@@ -11,6 +11,8 @@ as the outer batch:
 - ``itd``: 20 inner GD steps, reverse-mode through them;
 - ``soba``: one step on ``w``, ``v`` and ``x``;
 - ``penalty``: one ``w``-step and one ``x``-step on ``f + γ/2 ‖∇_w g‖²``;
+- ``cg``: the implicit estimator alone, ``hypergrad.get("cg", iters=20)`` through ``solve`` on
+  ridge regression (n = 2000, d = 200, one weight decay per feature) at the exact ``w*``;
 - ``maml``: the few-shot recipe's MAML meta-step on 32 sinusoid tasks (``benchmarks/fewshot.py``'s
   workload, float32) against its fastest hand-written form (``vmap`` + ``autograd.grad``).
 
@@ -33,11 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bilevel_dist as bd  # noqa: E402
 from bilevel_dist import algorithms  # noqa: E402
-from bilevel_dist.problems import HyperCleaning  # noqa: E402
+from bilevel_dist.problems import HyperCleaning, RidgeRegression  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-INNER_BATCH, BATCHES = 256, 8
+INNER_BATCH, BATCHES, CG_ITERS = 256, 8, 20
 AID = {"inner_steps": 20, "linear_iters": 10, "inner_lr": 0.5, "outer_lr": 50.0}
 ITD = {"inner_steps": 20, "inner_lr": 0.5, "outer_lr": 50.0}
 SOBA = {"inner_lr": 0.5, "outer_lr": 50.0}
@@ -202,6 +205,48 @@ class HandPenalty(Hand):
             self.gamma, self.epsilon = self.gamma * 1.1, self.epsilon * 0.9
 
 
+class Ridge:
+    """The implicit estimator alone: ridge regression (n = 2000, d = 200) at its exact solution,
+    ``hypergrad.get("cg", iters=20)`` through ``solve``."""
+
+    def __init__(self) -> None:
+        self.data = RidgeRegression.make(n_train=2000, n_val=500, features=200, seed=0)
+        d = self.data
+        self.x = {"log_lambda": torch.full((200,), -2.0, dtype=torch.float64)}
+        a = d.x_train.T @ d.x_train / 2000 + torch.diag(self.x["log_lambda"].exp())
+        self.w = {"w": torch.linalg.solve(a, d.x_train.T @ d.y_train / 2000)}
+        self.grad = None
+
+    def outer(self) -> torch.Tensor:
+        return self.grad
+
+
+class RidgeFramework(Ridge):
+    def step(self) -> None:
+        solver, estimator = bd.solvers.GD(0.1, 0), bd.hypergrad.get("cg", iters=CG_ITERS, tol=0.0)
+        self.grad = bd.solve(self.data.problem, self.x, self.w, solver=solver, hypergrad=estimator, check=False)
+        self.grad = self.grad.grad["log_lambda"]
+
+
+class RidgeHand(Ridge):
+    def step(self) -> None:
+        d = self.data
+        w = self.w["w"].detach().requires_grad_()
+        x = self.x["log_lambda"].detach().requires_grad_()
+        (gw,) = torch.autograd.grad(d.inner_loss({"w": w}, {"log_lambda": x}), w, create_graph=True)
+        (fw,) = torch.autograd.grad(d.outer_loss({"w": w}, {}), w)
+        v, r = torch.zeros_like(fw), fw
+        p, rr = r, (r * r).sum()
+        for _ in range(CG_ITERS):
+            (ap,) = torch.autograd.grad(gw, w, p, retain_graph=True)
+            alpha = rr / (p * ap).sum()
+            v, r = v + alpha * p, r - alpha * ap
+            rr_new = (r * r).sum()
+            p, rr = r + (rr_new / rr) * p, rr_new
+        (jv,) = torch.autograd.grad(gw, x, v)
+        self.grad = -jv
+
+
 class FewShotFramework:
     def __init__(self, fewshot, tasks: int) -> None:
         self.variant, self.batches, self.k = fewshot.Recipe(tasks), fewshot._batches(tasks, 4), 0
@@ -234,6 +279,7 @@ def _workloads() -> dict[str, tuple[Callable, Callable, torch.dtype]]:
             torch.float64,
         ),
         "maml": (lambda: FewShotFramework(fewshot, 32), lambda: FewShotHand(fewshot, 32), torch.float32),
+        "cg": (RidgeFramework, RidgeHand, torch.float64),
     }
 
 

@@ -125,6 +125,8 @@ class Comm:
 
     def dot(self, a: Tree, b: Tree) -> Tensor:
         """``⟨a, b⟩`` over the whole (global) tree: sharded leaves summed over their owners."""
+        if not self.sharded:
+            return _total([(a[k] * b[k]).sum() for k in a])  # type: ignore[return-value]
         keys = list(a)
         replicated = _total([(a[k] * b[k]).sum() for k in keys if k not in self.sharded])
         shards = [k for k in keys if k in self.sharded]

@@ -30,11 +30,16 @@ def loss_grad(loss: Loss, inner: Tree, outer: Tree, batch: Any) -> Tree:
     the time of a small network's gradient."""
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap/jvp/grad
         return grad(loss)(inner, outer, batch)
-    with torch.enable_grad():
-        tracked = any(v.requires_grad for v in (*inner.values(), *outer.values()))
-        leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in inner.items()}
+    tracked = any(v.requires_grad for v in inner.values()) or any(v.requires_grad for v in outer.values())
+    leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in inner.items()}
+    if torch.is_grad_enabled():
         value = loss(leaves, outer, batch)
-        grads = torch.autograd.grad(value, list(leaves.values()), create_graph=tracked, allow_unused=True)
+    else:
+        with torch.enable_grad():
+            value = loss(leaves, outer, batch)
+    grads = torch.autograd.grad(value, list(leaves.values()), create_graph=tracked, allow_unused=True)
+    if all(g is not None for g in grads):
+        return dict(zip(leaves, grads, strict=True))
     return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
 
 
@@ -121,32 +126,38 @@ class AutogradLinearization:
             value = loss(self._w, self._x, batch)
             grads = torch.autograd.grad(value, list(self._w.values()), create_graph=True, allow_unused=True)
         self.grad = {k: v.detach() for k, v in _filled(self._w, grads).items()}
-        self._graph = [(k, g) for k, g in zip(self._w, grads, strict=True) if g is not None and g.requires_grad]
+        graph = [(k, g) for k, g in zip(self._w, grads, strict=True) if g is not None and g.requires_grad]
+        self._keys, self._outputs = [k for k, _ in graph], [g for _, g in graph]
+        self._inputs = {"w": list(self._w.values()), "x": list(self._x.values())}
+        self._inputs["both"] = self._inputs["w"] + self._inputs["x"]
+        self._wanted = {name: [i for i, t in enumerate(ts) if t.requires_grad] for name, ts in self._inputs.items()}
 
-    def _products(self, v: Tree, inputs: list[Tensor]) -> list[Tensor]:
-        """``∂/∂input ⟨∇_w ℓ, v⟩`` for each input (zeros where it does not enter)."""
-        wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+    def _products(self, v: Tree, which: str) -> list[Tensor]:
+        """``∂/∂input ⟨∇_w ℓ, v⟩`` for the inputs ``which`` names (zeros where one does not enter)."""
+        inputs, wanted = self._inputs[which], self._wanted[which]
+        if not self._outputs or not wanted:
+            return [torch.zeros_like(t) for t in inputs]
+        found = torch.autograd.grad(
+            self._outputs, [inputs[i] for i in wanted], [v[k] for k in self._keys], retain_graph=True, allow_unused=True
+        )
+        if len(wanted) == len(inputs) and all(g is not None for g in found):
+            return list(found)
         out: list[Tensor | None] = [None] * len(inputs)
-        if self._graph and wanted:
-            outputs, directions = [g for _, g in self._graph], [v[k] for k, _ in self._graph]
-            found = torch.autograd.grad(
-                outputs, [inputs[i] for i in wanted], directions, retain_graph=True, allow_unused=True
-            )
-            for i, g in zip(wanted, found, strict=True):
-                out[i] = g
+        for i, g in zip(wanted, found, strict=True):
+            out[i] = g
         return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, out, strict=True)]
 
     def hvp(self, v: Tree) -> Tree:
         """Hessian-vector product ``∇²_ww ℓ · v``."""
-        return dict(zip(self._w, self._products(v, list(self._w.values())), strict=True))
+        return dict(zip(self._w, self._products(v, "w"), strict=True))
 
     def mixed(self, v: Tree) -> Tree:
         """Mixed second-derivative product ``∇²_xw ℓ · v``, shaped like the outer tree."""
-        return dict(zip(self._x, self._products(v, list(self._x.values())), strict=True))
+        return dict(zip(self._x, self._products(v, "x"), strict=True))
 
     def both(self, v: Tree) -> tuple[Tree, Tree]:
         """``(hvp(v), mixed(v))`` in one backward."""
-        products = self._products(v, [*self._w.values(), *self._x.values()])
+        products = self._products(v, "both")
         n = len(self._w)
         return dict(zip(self._w, products[:n], strict=True)), dict(zip(self._x, products[n:], strict=True))
 
@@ -250,23 +261,22 @@ def cg(
 
 
 def _cg_one(matvec: MatVec, x: Tree, r: Tree, p: Tree, rr: Tensor, iters: int, tol: float, dot: Dot) -> LinearSolve:
-    """CG on one system: the exits are decided on numbers (one host read of ``‖r‖²`` per
-    iteration, as the batched form's ``any()`` takes), so no masks are computed."""
+    """CG on one system: the exit is decided on a number (one host read of ``‖r‖²`` per
+    iteration, as the batched form's ``any()`` takes), so no masks are computed. ``r = 0``
+    exits before ``p = 0`` could divide by zero; an indefinite ``A`` may give NaN (``solve``
+    then names it)."""
     it = 0
     for it in range(1, iters + 1):
         if float(rr) ** 0.5 <= tol:
             it -= 1
             break
         ap = matvec(p)
-        pap = dot(p, ap)
-        if float(pap) == 0:  # p = 0: nothing left to move along
-            it -= 1
-            break
-        alpha = rr / pap
-        x = tree.axpy(alpha, p, x)
-        r = tree.axpy(-alpha, ap, r)
+        alpha = rr / dot(p, ap)
+        x = {k: x[k] + alpha * p[k] for k in x}
+        r = {k: r[k] - alpha * ap[k] for k in r}
         rr_new = dot(r, r)
-        p = tree.axpy(rr_new / rr, p, r)
+        beta = rr_new / rr
+        p = {k: r[k] + beta * p[k] for k in r}
         rr = rr_new
     return LinearSolve(x, rr.sqrt(), it)
 

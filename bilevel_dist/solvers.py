@@ -164,14 +164,20 @@ class Run:
 
     inner: Tree
     steps: Tensor
-    last_grad: Tree
+    last_grad: Tree | Callable[[], Tree]
     oracles: Oracles
     window: list[tuple[Tree, SolverState, Tensor | None, int]] = field(default_factory=list)
+
+    def gradient(self) -> Tree:
+        """The last inner gradient; after a run of no steps, evaluated now (nothing needed it)."""
+        if callable(self.last_grad):
+            self.last_grad = self.last_grad()
+        return self.last_grad
 
     @property
     def grad_norm(self) -> Tensor:
         """``‖last_grad‖`` (per problem when batched), computed when asked."""
-        return self.oracles.norm(self.last_grad)
+        return self.oracles.norm(self.gradient())
 
 
 def run(
@@ -218,9 +224,13 @@ def run(
         else:
             inner, state = advance(inner, state, grad, active, t)
         steps = steps + (1 if active is None else active.long())
-    if grad is None or (final_grad and not stopped):
+    window_list = list(window) if keep_last else []
+    if final_grad and not stopped:
         grad = oracles.inner_grad(tree.detach(inner), tree.detach(outer), last_batch(batch))
-    return Run(inner, steps, tree.detach(grad), oracles, list(window) if keep_last else [])
+    elif grad is None:  # no step ran: the gradient at the start only if someone asks for it
+        point, at = tree.detach(inner), tree.detach(outer)
+        return Run(inner, steps, lambda: oracles.inner_grad(point, at, last_batch(batch)), oracles, window_list)
+    return Run(inner, steps, tree.detach(grad), oracles, window_list)
 
 
 def replay(solver: Solver, problem: BilevelProblem | Oracles, end: Run, outer: Tree, batch: Any) -> Tree:

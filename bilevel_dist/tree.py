@@ -52,8 +52,7 @@ def axpy(s: Tensor | float, x: Tree, y: Tree, batched: bool = False) -> Tree:
 
 def dot(a: Tree, b: Tree, batched: bool = False) -> Tensor:
     """Inner product over every entry, per problem when batched."""
-    start = 1 if batched else 0
-    parts = [(a[k] * b[k]).flatten(start).sum(-1) for k in a]
+    parts = [(a[k] * b[k]).flatten(1).sum(-1) for k in a] if batched else [(a[k] * b[k]).sum() for k in a]
     total = parts[0]
     for part in parts[1:]:  # not sum(): its 0 + costs one more op
         total = total + part

@@ -66,10 +66,9 @@ def per_problem_value(value: Tensor, batched: bool) -> Any:
 
 def run_info(end: Run, batched: bool, grad: Tree | None = None) -> Metrics:
     """The solver's diagnostics (``grad``: an inner gradient at the end, when one was computed)."""
-    last = end.last_grad if grad is None else grad
     return Metrics(
         inner_steps=lambda: per_problem_value(end.steps, batched),
-        inner_grad_norm=lambda: per_problem_value(end.oracles.norm(last), batched),
+        inner_grad_norm=lambda: per_problem_value(end.oracles.norm(end.gradient() if grad is None else grad), batched),
     )
 
 
