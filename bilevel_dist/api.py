@@ -26,6 +26,7 @@ def solve(
     outer_batch: Any = None,
     check: bool = True,
     comm: Comm | None = None,
+    compile: bool = False,
 ) -> Solution:
     """Solves the lower level from ``inner`` and returns the hypergradient at ``outer``.
 
@@ -41,6 +42,9 @@ def solve(
         comm: the ranks this problem's batches are split over, e.g. ``Comm()`` for every rank
             of the process group (default: this process alone); the returned hypergradient is
             then the global one.
+        compile: run the solve and the CG estimator as one ``torch.compile``-d function
+            (:mod:`bilevel_dist.compiled`: GD without a tolerance, ``cg`` with ``tol=0``, one
+            process); the first call compiles.
 
     Returns:
         :class:`Solution` with ``.inner`` (solution reached), ``.grad`` (shaped like ``outer``)
@@ -54,7 +58,13 @@ def solve(
     if check:
         check_problem(problem, outer, inner, inner_batch, outer_batch)
     start = time.perf_counter()
-    solution = hypergrad(Oracles(problem, comm or Comm(local=True)), outer, inner, solver, inner_batch, outer_batch)
+    oracles = Oracles(problem, comm or Comm(local=True))
+    if compile:
+        from bilevel_dist.compiled import implicit_cg
+
+        solution = implicit_cg(oracles, outer, inner, solver, hypergrad, inner_batch, outer_batch)  # type: ignore[arg-type]
+    else:
+        solution = hypergrad(oracles, outer, inner, solver, inner_batch, outer_batch)
     solution.info |= {"seconds": time.perf_counter() - start}
     bad = [k for k, g in solution.grad.items() if not bool(torch.isfinite(g).all())]
     if bad:

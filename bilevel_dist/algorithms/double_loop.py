@@ -42,6 +42,11 @@ class DoubleLoop(Algorithm):
     def solve(self, state: State, inner_batch: Any, outer_batch: Any, tol: float | None = None, **kw: Any) -> Solution:
         solver = GD(self.h["inner_lr"], self.h["inner_steps"], tol)
         estimator = self.estimator(state)
+        if self.h.get("compile"):
+            from bilevel_dist.compiled import implicit_cg
+
+            outer, inner = state["outer"], state["inner"]
+            return implicit_cg(self.oracles, outer, inner, solver, estimator, inner_batch, outer_batch)  # type: ignore[arg-type]
         return estimator(self.oracles, state["outer"], state["inner"], solver, inner_batch, outer_batch, **kw)
 
     def outer_update(self, state: State, solution: Solution, metrics: Metrics) -> tuple[State, Metrics]:
@@ -81,12 +86,15 @@ _AID = {
     "linear_solver": ("cg", choice("cg", "neumann")),
     "linear_iters": (10, count),
     "linear_lr": (None, lr),
+    # the inner run and CG as one torch.compile-d function (bilevel_dist.compiled)
+    "compile": (False, lambda name, v: bool(v)),
 }
 
 
 class AID(DoubleLoop):
     """Approximate implicit differentiation: inner GD, then ``H v = ∇_w f`` by CG or a Neumann
     series (``linear_lr`` its step, default ``inner_lr``), then ``x ← x − β (∇_x f − J v)``.
+    ``compile=True`` runs the inner run and CG compiled (:mod:`bilevel_dist.compiled`).
 
     Cost per step: ``inner_steps`` inner gradients, one linearisation, ``linear_iters`` (CG) or
     ``linear_iters − 1`` (Neumann) Hessian-vector products, one mixed product, one outer gradient.
@@ -94,6 +102,11 @@ class AID(DoubleLoop):
 
     name = "aid"
     hparams = _AID
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.h["compile"] and self.h["linear_solver"] != "cg":
+            raise ConfigError("compile", f"compile=True needs linear_solver='cg', got {self.h['linear_solver']!r}")
 
     def estimator(self, state: State) -> Estimator:
         if self.h["linear_solver"] == "cg":
