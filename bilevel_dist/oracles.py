@@ -68,7 +68,7 @@ class Oracles:
     def reduce_inner(self, t: Tree) -> Tree:
         """An inner-level quantity made global: averaged over ranks for a shared level, as is
         (per problem, local) for independent ones."""
-        return t if self.batched else self.comm.mean(t)
+        return t if self.batched or not self.comm.active else self.comm.mean(t)
 
     def outer_gradient(self, t: Tree) -> Tree:
         """The one reduction of an outer step: local outer-gradient pieces made global (the mean
@@ -98,7 +98,9 @@ class Oracles:
     def inner_grad(self, w: Tree, x: Tree, batch: Any) -> Tree:
         """``∇_w g``, reduced by the policy."""
         self.calls["inner_grad"] += 1
-        return self.reduce_inner(_chunked(lambda b: loss_grad(self.problem.inner_loss, w, x, b), batch))
+        if isinstance(batch, Chunks):
+            return self.reduce_inner(_chunked(lambda b: loss_grad(self.problem.inner_loss, w, x, b), batch))
+        return self.reduce_inner(loss_grad(self.problem.inner_loss, w, x, batch))
 
     def inner_grads(self, w: Tree, x: Tree, batch: Any) -> tuple[Tree, Tree]:
         """``(∇_w g, ∇_x g)``: the first reduced by the policy, the second local (an outer piece)."""

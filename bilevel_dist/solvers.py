@@ -207,7 +207,7 @@ def run(
     done = torch.zeros(shape, dtype=torch.bool, device=ref.device)
     steps = torch.zeros(shape, dtype=torch.long, device=ref.device)
     window: deque = deque(maxlen=keep_last or None)
-    grad, stopped = None, False
+    grad, stopped, plain_steps = None, False, 0
     for t in range(solver.steps):
         grad = oracles.inner_grad(inner, outer, batch_at(batch, t))
         active = None
@@ -223,7 +223,11 @@ def run(
             inner, state = masked_step(solver, oracles, inner, state, outer, batch, active, t, grad)
         else:
             inner, state = advance(inner, state, grad, active, t)
-        steps = steps + (1 if active is None else active.long())
+        if active is None:
+            plain_steps += 1  # counted in Python: no tensor op per step
+        else:
+            steps = steps + active.long()
+    steps = steps + plain_steps
     window_list = list(window) if keep_last else []
     if final_grad and not stopped:
         grad = oracles.inner_grad(tree.detach(inner), tree.detach(outer), last_batch(batch))

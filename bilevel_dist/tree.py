@@ -42,11 +42,15 @@ def per_problem(s: Tensor | float, like: Tensor, batched: bool) -> Tensor | floa
 
 def scale(a: Tree, s: Tensor | float, batched: bool = False) -> Tree:
     """``s * a`` where ``s`` is a number, a 0-d tensor or one value per problem."""
+    if not batched:
+        return {k: s * v for k, v in a.items()}
     return {k: per_problem(s, v, batched) * v for k, v in a.items()}
 
 
 def axpy(s: Tensor | float, x: Tree, y: Tree, batched: bool = False) -> Tree:
     """``y + s * x``."""
+    if not batched:
+        return {k: y[k] + s * x[k] for k in y}
     return {k: y[k] + per_problem(s, x[k], batched) * x[k] for k in y}
 
 

@@ -157,6 +157,10 @@ def test_local_schedule_covers_each_sample_once_per_epoch_in_minibatches():
         assert torch.allclose(weight[active, c].sum(1), torch.ones(int(active.sum()), dtype=weight.dtype))
         assert torch.equal((weight[:, c, :n] > 0).sum(0), torch.full((n,), 3))  # each sample once an epoch
         assert not weight[:, c, n:].any()
+    # a rank's share alone (what a rank builds) is its rows of the whole round's schedule
+    for only in (torch.tensor([0, 2]), torch.tensor([1, 3])):
+        part = local_schedule(sizes, epochs=3, batch=5, generator=torch.Generator().manual_seed(0), only=only)
+        assert torch.equal(part, weight[:, only])
 
 
 def _fit(root, aggregator, faults=None, dropout=0.0, rounds=60):

@@ -108,21 +108,27 @@ class Clients:
         return {"x": x[rows], "y": y[rows], "size": sizes[ids]}
 
 
-def local_schedule(sizes: Tensor, epochs: int, batch: int, generator: torch.Generator) -> Tensor:
+def local_schedule(
+    sizes: Tensor, epochs: int, batch: int, generator: torch.Generator, only: Tensor | None = None
+) -> Tensor:
     """``(S, C, n)`` minibatch weights of ``E`` epochs for clients of ``sizes`` (vectorised over
     the clients): in each epoch a random order of the client's samples, cut into minibatches of
-    ``batch`` (0: the whole set), each sample weighted ``1/|its minibatch|``."""
+    ``batch`` (0: the whole set), each sample weighted ``1/|its minibatch|``. ``only``: the rows
+    of these clients alone (a rank's share), equal to theirs in the whole schedule: the random
+    draws are the whole round's, and ``S`` and ``n`` are the largest client's."""
     clients, n = len(sizes), int(sizes.max()) if len(sizes) else 0
     size = sizes.clamp_min(1)
     per_batch = size if batch == 0 else torch.full_like(size, batch).minimum(size)
     steps_per_epoch = -(-size // per_batch)
     total = int((steps_per_epoch * epochs).max()) if clients else 0
-    weight = torch.zeros(total, clients, n, dtype=torch.float64)
+    keep = torch.arange(clients) if only is None else only
+    sizes, size, per_batch, steps_per_epoch = sizes[keep], size[keep], per_batch[keep], steps_per_epoch[keep]
+    weight = torch.zeros(total, len(keep), n, dtype=torch.float64)
     real = torch.arange(n)[None, :] < sizes[:, None]
-    cols = torch.arange(n).expand(clients, n)
-    rows = torch.arange(clients)[:, None].expand(clients, n)
+    cols = torch.arange(n).expand(len(keep), n)
+    rows = torch.arange(len(keep))[:, None].expand(len(keep), n)
     for e in range(epochs):  # a loop over epochs (a few), vectorised over clients and samples
-        keys = torch.rand(clients, n, generator=generator, dtype=torch.float64).masked_fill(~real, 2.0)
+        keys = torch.rand(clients, n, generator=generator, dtype=torch.float64)[keep].masked_fill(~real, 2.0)
         position = keys.argsort(1).argsort(1)  # each sample's place in this epoch's order
         within = torch.div(position, per_batch[:, None], rounding_mode="floor")
         start = within * per_batch[:, None]
@@ -311,11 +317,11 @@ class FederatedData(L.LightningDataModule):
         fault[faulty[: int(self.faults["nan"])]] = 1
         fault[faulty[int(self.faults["nan"]) :]] = 2
         sizes = data.sizes[ids]
-        weight = local_schedule(sizes, self.epochs, self.local_batch, generator)
-        # a second, independent schedule: Per-FedAvg's outer minibatches D'
-        weight_query = local_schedule(sizes, self.epochs, self.local_batch, generator)
-        share = sizes.double() / sizes.sum()
         mine = torch.arange(rank, m, world)
+        weight = local_schedule(sizes, self.epochs, self.local_batch, generator, only=mine)
+        # a second, independent schedule: Per-FedAvg's outer minibatches D'
+        weight_query = local_schedule(sizes, self.epochs, self.local_batch, generator, only=mine)
+        share = sizes.double() / sizes.sum()
         rows = -(-m // world)
         pad = rows - len(mine)
         table = data.table[ids[mine], : int(sizes.max())]
@@ -324,8 +330,8 @@ class FederatedData(L.LightningDataModule):
         batch = {
             "x": x,
             "y": y,
-            "weight": weight[:, mine],
-            "weight_query": weight_query[:, mine],
+            "weight": weight,
+            "weight_query": weight_query,
             "size": sizes[mine],
             "share": share[mine],
             "dropped": dropped[mine],
