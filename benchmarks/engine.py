@@ -86,7 +86,7 @@ class StepClock(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def lightning_run(setup: str, devices: int, progress_bar: bool = True) -> dict:
+def lightning_run(setup: str, devices: int, progress_bar: bool = True, log_every: int = 1) -> dict:
     data, model = make(setup)
     clock = StepClock()
     trainer = L.Trainer(
@@ -96,7 +96,7 @@ def lightning_run(setup: str, devices: int, progress_bar: bool = True) -> dict:
         max_steps=STEPS[setup],
         limit_val_batches=0,
         logger=L.pytorch.loggers.CSVLogger(os.environ.get("BENCH_LOGS", "/tmp/bilevel_bench_logs")),
-        log_every_n_steps=1,
+        log_every_n_steps=log_every,
         enable_checkpointing=False,
         enable_progress_bar=progress_bar,
         enable_model_summary=False,

@@ -4,7 +4,8 @@ tasks, or clients) per second, and the collectives per step.
     python benchmarks/scaling.py            # about 4 minutes; writes results/scaling.md
 
 - **denoising**: the engine benchmark's MLP 64-256-10 trained by AID (10 inner steps, 10 CG
-  iterations) on digits hyper-cleaning, 256 inner samples per process and step (``engine.py``);
+  iterations) on digits hyper-cleaning, 256 inner samples per process and step (``engine.py``),
+  logging at Lightning's default cadence (every 50 steps);
 - **few-shot**: the recipe's MAML step on sinusoid tasks, 32 tasks per process (``fewshot.py``);
 - **federated**: FedAvg rounds on 10,000 digits clients, 100 sampled clients per process
   (``federated.py``).
@@ -99,7 +100,7 @@ def _worker(kind: str, devices: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    result = engine.lightning_run("mlp", devices, progress_bar=False)
+    result = engine.lightning_run("mlp", devices, progress_bar=False, log_every=50)  # Lightning's default
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print("RESULT " + json.dumps(result), flush=True)
 

@@ -106,8 +106,8 @@ class SharedMemorySum:
         spins, deadline = 0, None
         while int(flags.min()) < call:
             spins += 1
-            if spins % 1000 == 0:  # more threads than CPUs: let the others run
-                os.sched_yield()
+            os.sched_yield()  # lets a sibling hardware thread or another process run
+            if spins % 1000 == 0:
                 deadline = deadline or time.monotonic() + self.timeout_s
                 if time.monotonic() > deadline:
                     late = [r for r in range(self.world) if int(flags[r]) < call]
