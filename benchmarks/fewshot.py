@@ -452,8 +452,11 @@ def dist_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     world = cfg["world"]
     if world > 1:
+        from bilevel_dist.distributed import pin_cpus
+
         addr = f"tcp://127.0.0.1:{cfg['port']}"
         dist.init_process_group("gloo", init_method=addr, rank=cfg["rank"], world_size=world)
+        pin_cpus(cfg["rank"], world)  # as the engine does for CPU ranks
     out: dict[str, Any] = {"params": {}, "ms": {}}
     for tasks in cfg["tasks"]:
         if tasks in cfg["check"]:

@@ -1,8 +1,10 @@
-"""Second-order products and linear solvers on trees, built on ``torch.func``.
+"""Second-order products and linear solvers on trees.
 
-Hessian-vector products are reverse-over-reverse: the inner gradient is linearised once with
-``torch.func.vjp`` and each product is one backward through that graph, the cheapest form on
-CPU (forward-over-reverse measured ten times slower, ``reference/baselines.md``).
+Hessian-vector products are reverse-over-reverse: the inner gradient is linearised once and each
+product is one backward through that graph, the cheapest form on CPU (forward-over-reverse
+measured ten times slower, ``reference/baselines.md``). Where nothing carries a graph, outside
+``torch.func`` transforms, the graph is plain autograd's (a third of ``torch.func.vjp``'s cost
+on small models, ``benchmarks/overhead.py``); inside transforms it is ``torch.func``'s.
 """
 
 from __future__ import annotations

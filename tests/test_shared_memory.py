@@ -76,3 +76,23 @@ def test_off_by_environment_variable_and_gloo_gives_the_same(tmp_path):
 def test_a_rank_that_never_comes_is_named_after_the_timeout(tmp_path):
     ranks = _run(tmp_path, "late")
     assert "ranks [1] did not reach shared-memory sum 2 in 2 s" in ranks[0]["error"]
+
+
+def test_pin_cpus_gives_each_local_rank_its_own_slice():
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, os\nfrom bilevel_dist.distributed import pin_cpus\n"
+        "now = lambda: sorted(os.sched_getaffinity(0))\n"
+        "print(json.dumps([now(), pin_cpus(0, 1), pin_cpus(0, 10**6), pin_cpus(1, 2), now()]))"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, one_rank, too_many, pinned, after = json.loads(run.stdout)
+    assert one_rank is None and too_many is None  # one rank, or more ranks than CPUs: left alone
+    if len(before) < 2:
+        assert pinned is None
+        return
+    half = len(before) // 2
+    assert pinned == after == before[half : 2 * half]  # local rank 1 of 2: the second half

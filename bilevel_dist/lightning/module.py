@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from bilevel_dist import algorithms
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.distributed import Comm, local_rows
+from bilevel_dist.distributed import Comm, local_rows, pin_cpus
 from bilevel_dist.metrics import Metrics
 from bilevel_dist.oracles import Chunks
 from bilevel_dist.problem import BilevelProblem, check_tree
@@ -285,6 +285,9 @@ class BilevelModule(L.LightningModule):
         return _StepCounter(self.parameters())
 
     def on_fit_start(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1 and self.device.type == "cpu":  # CPU ranks: one slice of the CPUs each
+            pin_cpus(trainer.local_rank, trainer.num_devices)
         self._sync_state()
 
     def localize(self, batch: dict[str, Tensor], level: str = "inner") -> dict[str, Tensor]:
