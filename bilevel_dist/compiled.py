@@ -26,6 +26,7 @@ from bilevel_dist import tree
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.hypergrad.base import Estimator, Solution
 from bilevel_dist.hypergrad.implicit import CG
+from bilevel_dist.linalg import cg_one_system
 from bilevel_dist.metrics import Metrics
 from bilevel_dist.oracles import Oracles
 from bilevel_dist.problem import BilevelProblem
@@ -60,18 +61,9 @@ def _implicit_cg(problem: BilevelProblem, lr: float, steps: int, iters: int) -> 
             w = {k: w[k] + (-lr) * g[k] for k in w}
         fw, fx = grad(outer_loss, argnums=(0, 1))(w, x, outer_batch)
         _, products = vjp(lambda w_, x_: grad(inner_loss)(w_, x_, inner_batch), w, x)
-        v = {k: torch.zeros_like(t) for k, t in fw.items()}
-        r, p = dict(fw), dict(fw)
-        rr = tree.dot(r, r)
-        for _ in range(iters):  # the eager CG's arithmetic, without its exit test
-            ap = products(p)[0]
-            alpha = rr / tree.dot(p, ap)
-            v = {k: v[k] + alpha * p[k] for k in v}
-            r = {k: r[k] - alpha * ap[k] for k in r}
-            rr_new = tree.dot(r, r)
-            beta = rr_new / rr
-            p = {k: r[k] + beta * p[k] for k in r}
-            rr = rr_new
+        # the eager CG, without its exit test (a data-dependent branch would break the graph)
+        start = tree.zeros_like(fw)
+        v = cg_one_system(lambda d: products(d)[0], start, fw, fw, tree.dot(fw, fw), iters, None, tree.dot).solution
         jv = products(v)[1]
         return w, {k: fx[k] - jv[k] for k in fx}, v
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bilevel_dist.shared_memory import SharedMemorySum
-from bilevel_dist.tree import Tree
+from bilevel_dist.tree import Tree, total
+from bilevel_dist.tree import dot as tree_dot
 
 _SHARED: dict[object, SharedMemorySum | None] = {}
 
@@ -32,16 +33,6 @@ def _shared_sum(group: dist.ProcessGroup | None) -> SharedMemorySum | None:
     if key not in _SHARED:
         _SHARED[key] = SharedMemorySum.create(group)
     return _SHARED[key]
-
-
-def _total(parts: list[Tensor]) -> Tensor | float:
-    """``parts[0] + parts[1] + ...`` without ``sum``'s extra ``0 +`` (one tensor op each)."""
-    if not parts:
-        return 0.0
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
 
 
 def shard_rows(n: int, rank: int, world_size: int) -> Tensor:
@@ -144,13 +135,13 @@ class Comm:
     def dot(self, a: Tree, b: Tree) -> Tensor:
         """``⟨a, b⟩`` over the whole (global) tree: sharded leaves summed over their owners."""
         if not self.sharded:
-            return _total([(a[k] * b[k]).sum() for k in a])  # type: ignore[return-value]
+            return tree_dot(a, b)
         keys = list(a)
-        replicated = _total([(a[k] * b[k]).sum() for k in keys if k not in self.sharded])
+        replicated = total([(a[k] * b[k]).sum() for k in keys if k not in self.sharded])
         shards = [k for k in keys if k in self.sharded]
         if not shards:
             return replicated if isinstance(replicated, Tensor) else torch.as_tensor(replicated)
-        local = _total([(a[k] * b[k]).sum() for k in shards])
+        local = total([(a[k] * b[k]).sum() for k in shards])
         if self.active:
             local = self._sum_buffer(local.reshape(1)).reshape(())
         return replicated + local

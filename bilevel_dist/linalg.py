@@ -242,7 +242,7 @@ def cg(
     p = dict(r)
     rr = dot(r, r)
     if rr.ndim == 0 and not (isinstance(tol, Tensor) and tol.ndim):
-        return _cg_one(matvec, x, r, p, rr, iters, float(tol), dot)
+        return cg_one_system(matvec, x, r, p, rr, iters, float(tol), dot)
     active = rr.sqrt() > tol
     it = 0
     for it in range(1, iters + 1):
@@ -262,14 +262,17 @@ def cg(
     return LinearSolve(x, rr.sqrt(), it)
 
 
-def _cg_one(matvec: MatVec, x: Tree, r: Tree, p: Tree, rr: Tensor, iters: int, tol: float, dot: Dot) -> LinearSolve:
-    """CG on one system: the exit is decided on a number (one host read of ``‖r‖²`` per
-    iteration, as the batched form's ``any()`` takes), so no masks are computed. ``r = 0``
-    exits before ``p = 0`` could divide by zero; an indefinite ``A`` may give NaN (``solve``
-    then names it)."""
+def cg_one_system(
+    matvec: MatVec, x: Tree, r: Tree, p: Tree, rr: Tensor, iters: int, tol: float | None, dot: Dot
+) -> LinearSolve:
+    """CG on one system from ``(x, r, p, ‖r‖²)``: the exit is decided on a number (one host read
+    of ``‖r‖²`` per iteration, as the batched form's ``any()`` takes), so no masks are computed.
+    ``r = 0`` exits before ``p = 0`` could divide by zero; an indefinite ``A`` may give NaN
+    (``solve`` then names it). ``tol=None``: exactly ``iters`` iterations, no host read (the
+    compiled path traces it)."""
     it = 0
     for it in range(1, iters + 1):
-        if float(rr) ** 0.5 <= tol:
+        if tol is not None and float(rr) ** 0.5 <= tol:
             it -= 1
             break
         ap = matvec(p)

@@ -56,11 +56,17 @@ def axpy(s: Tensor | float, x: Tree, y: Tree, batched: bool = False) -> Tree:
 
 def dot(a: Tree, b: Tree, batched: bool = False) -> Tensor:
     """Inner product over every entry, per problem when batched."""
-    parts = [(a[k] * b[k]).flatten(1).sum(-1) for k in a] if batched else [(a[k] * b[k]).sum() for k in a]
-    total = parts[0]
-    for part in parts[1:]:  # not sum(): its 0 + costs one more op
-        total = total + part
-    return total
+    return total([(a[k] * b[k]).flatten(1).sum(-1) for k in a] if batched else [(a[k] * b[k]).sum() for k in a])
+
+
+def total(parts: list[Tensor]) -> Tensor | float:
+    """``parts[0] + parts[1] + ...`` (``0.0`` for none), without ``sum()``'s extra ``0 +`` op."""
+    if not parts:
+        return 0.0
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
 
 
 def norm(a: Tree, batched: bool = False) -> Tensor:

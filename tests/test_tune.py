@@ -268,22 +268,29 @@ def _terminated(sweep: Path) -> set[str]:
     return done
 
 
-def test_a_two_worker_trial_equals_the_one_process_replay_of_its_shards(head, tmp_path):
-    budget = {**BUDGET, "trainer.max_steps": 40, "trainer.val_check_interval": 20, "trainer.precision": "64-true"}
+def _two_worker_trial(head, tmp_path, recipe: Path, metric: str, space: dict, fixed: dict, name: str) -> dict:
+    """One trial of ``recipe`` as a Ray Train run of 2 workers, float64; its results row."""
     search = _search(
         tmp_path / "search.yaml",
-        metric="val_outer_loss",
+        metric=metric,
         mode="min",
-        space={"model.algorithm.inner_steps": {"grid": [5]}},
-        fixed=budget,
+        space=space,
+        fixed={**fixed, "trainer.precision": "64-true"},
         include_recipe=False,
         workers=2,
         resources={"cpu": 1},
     )
-    run = _tune(head, "--config", str(RECIPE), "--search", str(search), "--name", "w", cwd=tmp_path)
+    run = _tune(head, "--config", str(recipe), "--search", str(search), "--name", name, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    (row,) = _results(tmp_path / "sweeps" / "w")
-    assert row["status"] == "OK" and row["step"] == "40"
+    (row,) = _results(tmp_path / "sweeps" / name)
+    assert row["status"] == "OK" and row["step"] == str(fixed["trainer.max_steps"])
+    return row
+
+
+def test_a_two_worker_trial_equals_the_one_process_replay_of_its_shards(head, tmp_path):
+    budget = {**BUDGET, "trainer.max_steps": 40, "trainer.val_check_interval": 20}
+    space = {"model.algorithm.inner_steps": {"grid": [5]}}
+    row = _two_worker_trial(head, tmp_path, RECIPE, "val_outer_loss", space, budget, "w")
     overrides = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "20", "--trainer.precision", "64-true"]
     replay = _fitted(_fit(RECIPE, tmp_path / "replay", *overrides, "--data.init_args.shards", "2"), tmp_path / "replay")
     print(f"\n2-worker trial val_outer_loss {row['val_outer_loss']}, 1-process replay of 2 shards {replay!r}")
@@ -294,21 +301,9 @@ def test_a_two_worker_federated_trial_equals_one_process(head, tmp_path):
     """The federated recipe as a Ray Train trial of 2 workers: the sampled clients split across
     them, one all-reduce a round; the same run in one process gives the same validation loss."""
     recipe = ROOT / "recipes" / "federated" / "digits_fedavg.yaml"
-    budget = {"trainer.max_steps": 6, "trainer.val_check_interval": 3, "trainer.precision": "64-true"}
-    search = _search(
-        tmp_path / "search.yaml",
-        metric="val_loss",
-        mode="min",
-        space={"model.algorithm.local_lr": {"grid": [0.1]}},
-        fixed=budget,
-        include_recipe=False,
-        workers=2,
-        resources={"cpu": 1},
-    )
-    run = _tune(head, "--config", str(recipe), "--search", str(search), "--name", "fed", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    (row,) = _results(tmp_path / "sweeps" / "fed")
-    assert row["status"] == "OK" and row["step"] == "6"
+    budget = {"trainer.max_steps": 6, "trainer.val_check_interval": 3}
+    space = {"model.algorithm.local_lr": {"grid": [0.1]}}
+    row = _two_worker_trial(head, tmp_path, recipe, "val_loss", space, budget, "fed")
     overrides = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.precision", "64-true"]
     one = tmp_path / "one"
     one.mkdir()
