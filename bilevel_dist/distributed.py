@@ -135,7 +135,7 @@ class Comm:
     def dot(self, a: Tree, b: Tree) -> Tensor:
         """``⟨a, b⟩`` over the whole (global) tree: sharded leaves summed over their owners."""
         if not self.sharded:
-            return tree_dot(a, b)
+            return torch.as_tensor(tree_dot(a, b))  # a tensor even for an empty tree
         keys = list(a)
         replicated = total([(a[k] * b[k]).sum() for k in keys if k not in self.sharded])
         shards = [k for k in keys if k in self.sharded]
