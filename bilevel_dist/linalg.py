@@ -40,9 +40,7 @@ def loss_grad(loss: Loss, inner: Tree, outer: Tree, batch: Any) -> Tree:
         with torch.enable_grad():
             value = loss(leaves, outer, batch)
     grads = torch.autograd.grad(value, list(leaves.values()), create_graph=tracked, allow_unused=True)
-    if all(g is not None for g in grads):
-        return dict(zip(leaves, grads, strict=True))
-    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
+    return _filled(leaves, grads)
 
 
 def loss_grads(loss: Loss, inner: Tree, outer: Tree, batch: Any) -> tuple[Tree, Tree]:
@@ -72,6 +70,8 @@ def _leaves(t: Tree) -> Tree:
 
 def _filled(like: Tree, grads: Any) -> Tree:
     """``autograd.grad``'s results as a tree, zeros where a leaf was unused."""
+    if all(g is not None for g in grads):
+        return dict(zip(like, grads, strict=True))
     return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(like.items(), grads, strict=True)}
 
 
