@@ -81,13 +81,20 @@ def implicit_cg(
     mode: str | None = None,
 ) -> Solution:
     """The implicit CG hypergradient through the compiled function (compiled on first use per
-    problem and settings; ``mode`` is ``torch.compile``'s)."""
+    problem and settings; ``mode`` is ``torch.compile``'s, by default ``"reduce-overhead"``
+    (CUDA graphs) on a GPU and Inductor's default on a CPU)."""
     check_compilable(oracles, solver, estimator, inner_batch)
     problem = oracles.problem
+    graphs = mode is None and next(iter(inner.values())).is_cuda
+    mode = "reduce-overhead" if graphs else mode  # CUDA graphs: one launch for the whole solve
     key = (id(problem), solver.lr, solver.steps, estimator.iters, mode)
     if key not in _CACHE or _CACHE[key][0] is not problem:  # the problem is held: its id stays its own
         fn = _implicit_cg(problem, solver.lr, solver.steps, estimator.iters)
         _CACHE[key] = (problem, torch.compile(fn, fullgraph=True, dynamic=False, mode=mode))
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
     w, grad_x, v = _CACHE[key][1](tree.detach(inner), tree.detach(outer), inner_batch, outer_batch)
+    if mode == "reduce-overhead":  # the graph's outputs are overwritten by its next replay
+        w, grad_x, v = ({k: t.clone() for k, t in part.items()} for part in (w, grad_x, v))
     info = Metrics(inner_steps=solver.steps, linear_iters=estimator.iters)
     return Solution(w, grad_x, info, v)

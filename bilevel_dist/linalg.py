@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
+from bilevel_dist import _autograd as autograd
 from bilevel_dist import tree
 from bilevel_dist.problem import Loss
 from bilevel_dist.tree import Tree
@@ -39,7 +40,7 @@ def loss_grad(loss: Loss, inner: Tree, outer: Tree, batch: Any) -> Tree:
     else:
         with torch.enable_grad():
             value = loss(leaves, outer, batch)
-    grads = torch.autograd.grad(value, list(leaves.values()), create_graph=tracked, allow_unused=True)
+    grads = autograd.grad((value,), leaves.values(), create_graph=tracked)
     return _filled(leaves, grads)
 
 
@@ -51,7 +52,7 @@ def loss_grads(loss: Loss, inner: Tree, outer: Tree, batch: Any) -> tuple[Tree, 
     with torch.enable_grad():
         w, x = _leaves(inner), _leaves(outer)
         value = loss(w, x, batch)
-        grads = torch.autograd.grad(value, [*w.values(), *x.values()], allow_unused=True)
+        grads = autograd.grad((value,), [*w.values(), *x.values()])
     return _filled(w, grads[: len(w)]), _filled(x, grads[len(w) :])
 
 
@@ -122,26 +123,28 @@ class AutogradLinearization:
     a third of the ``torch.func`` form's cost for a small model. A product asks autograd for the
     inputs it needs only, so ``hvp`` never runs the branch into ``x``."""
 
-    def __init__(self, loss: Loss, inner: Tree, outer: Tree, batch: Any) -> None:
+    def __init__(self, loss: Loss, inner: Tree, outer: Tree, batch: Any, mixed: bool = True) -> None:
         with torch.enable_grad():
-            self._w, self._x = _leaves(inner), _leaves(outer)
+            # without mixed products the graph leaves x out: every product is then cheaper
+            self._w, self._x = _leaves(inner), _leaves(outer) if mixed else outer
             value = loss(self._w, self._x, batch)
-            grads = torch.autograd.grad(value, list(self._w.values()), create_graph=True, allow_unused=True)
+            grads = autograd.grad((value,), self._w.values(), create_graph=True)
         self.grad = {k: v.detach() for k, v in _filled(self._w, grads).items()}
         graph = [(k, g) for k, g in zip(self._w, grads, strict=True) if g is not None and g.requires_grad]
         self._keys, self._outputs = [k for k, _ in graph], [g for _, g in graph]
         self._inputs = {"w": list(self._w.values()), "x": list(self._x.values())}
         self._inputs["both"] = self._inputs["w"] + self._inputs["x"]
         self._wanted = {name: [i for i, t in enumerate(ts) if t.requires_grad] for name, ts in self._inputs.items()}
+        self._mixed = mixed
 
     def _products(self, v: Tree, which: str) -> list[Tensor]:
         """``∂/∂input ⟨∇_w ℓ, v⟩`` for the inputs ``which`` names (zeros where one does not enter)."""
+        if which != "w" and not self._mixed:
+            raise RuntimeError("this linearisation was made with mixed=False: it has no mixed products")
         inputs, wanted = self._inputs[which], self._wanted[which]
         if not self._outputs or not wanted:
             return [torch.zeros_like(t) for t in inputs]
-        found = torch.autograd.grad(
-            self._outputs, [inputs[i] for i in wanted], [v[k] for k in self._keys], retain_graph=True, allow_unused=True
-        )
+        found = autograd.grad(self._outputs, [inputs[i] for i in wanted], [v[k] for k in self._keys], retain_graph=True)
         if len(wanted) == len(inputs) and all(g is not None for g in found):
             return list(found)
         out: list[Tensor | None] = [None] * len(inputs)
@@ -165,13 +168,14 @@ class AutogradLinearization:
 
 
 def linearize(
-    loss: Loss, inner: Tree, outer: Tree, batch: Any, joint: bool = False
+    loss: Loss, inner: Tree, outer: Tree, batch: Any, joint: bool = False, mixed: bool = True
 ) -> Linearization | AutogradLinearization:
     """Linearises ``∇_w loss`` at ``(inner, outer)`` (see :class:`Linearization`): by plain
     autograd where nothing carries a graph outside ``torch.func`` transforms
-    (:class:`AutogradLinearization`), else by ``torch.func``."""
+    (:class:`AutogradLinearization`), else by ``torch.func``. ``mixed=False`` promises that
+    no mixed product will be asked for (Hessian-vector products only)."""
     if _plain(inner, outer):
-        return AutogradLinearization(loss, inner, outer, batch)
+        return AutogradLinearization(loss, inner, outer, batch, mixed)
     return Linearization(loss, inner, outer, batch, joint)
 
 
@@ -262,6 +266,12 @@ def cg(
     return LinearSolve(x, rr.sqrt(), it)
 
 
+def host_reads_stall(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host waits for a device queue (a GPU), rather than costing a
+    few nanoseconds (a CPU)."""
+    return t.device.type != "cpu"
+
+
 def cg_one_system(
     matvec: MatVec, x: Tree, r: Tree, p: Tree, rr: Tensor, iters: int, tol: float | None, dot: Dot
 ) -> LinearSolve:
@@ -269,18 +279,23 @@ def cg_one_system(
     of ``‖r‖²`` per iteration, as the batched form's ``any()`` takes), so no masks are computed.
     ``r = 0`` exits before ``p = 0`` could divide by zero; an indefinite ``A`` may give NaN
     (``solve`` then names it). ``tol=None``: exactly ``iters`` iterations, no host read (the
-    compiled path traces it)."""
+    compiled path traces it). On a GPU ``tol=0`` is taken as ``None`` with guarded divisions
+    (a solved system stays solved): a host read per iteration would stall the stream."""
+    guarded = tol == 0 and host_reads_stall(rr)
+    if guarded:
+        tol = None
     it = 0
     for it in range(1, iters + 1):
         if tol is not None and float(rr) ** 0.5 <= tol:
             it -= 1
             break
         ap = matvec(p)
-        alpha = rr / dot(p, ap)
+        pap = dot(p, ap)
+        alpha = torch.where(pap == 0, 0.0, rr / pap) if guarded else rr / pap
         x = {k: x[k] + alpha * p[k] for k in x}
         r = {k: r[k] - alpha * ap[k] for k in r}
         rr_new = dot(r, r)
-        beta = rr_new / rr
+        beta = torch.where(rr == 0, 0.0, rr_new / rr) if guarded else rr_new / rr
         p = {k: r[k] + beta * p[k] for k in r}
         rr = rr_new
     return LinearSolve(x, rr.sqrt(), it)

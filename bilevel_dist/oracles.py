@@ -114,16 +114,17 @@ class Oracles:
         fw, fx = _chunked(lambda b: loss_grads(self.problem.outer_loss, w, x, b), batch)
         return self.reduce_inner(fw), fx
 
-    def linearize(self, w: Tree, x: Tree, batch: Any, joint: bool = False) -> _Reduced:
+    def linearize(self, w: Tree, x: Tree, batch: Any, joint: bool = False, mixed: bool = True) -> _Reduced:
         """``∇_w g`` at ``(w, x)`` with its products: gradient and Hessian-vector products reduced
-        by the policy, mixed products local (outer pieces). ``joint``: see :class:`Linearization`.
+        by the policy, mixed products local (outer pieces). ``joint``, ``mixed``: see
+        :func:`~bilevel_dist.linalg.linearize`.
         On :class:`Chunks` every product is the weighted sum over the chunks' linearisations."""
         self.calls["linearize"] += 1
         loss = self.problem.inner_loss
         if isinstance(batch, Chunks):
-            lin: Any = _Sum([(weight, linearize(loss, w, x, b, joint)) for b, weight in batch])
+            lin: Any = _Sum([(weight, linearize(loss, w, x, b, joint, mixed)) for b, weight in batch])
         else:
-            lin = linearize(loss, w, x, batch, joint)
+            lin = linearize(loss, w, x, batch, joint, mixed)
         return _Reduced(lin, self)
 
     def per_sample(self, fn: Callable[[Any], Tree], batch: dict[str, Tensor]) -> Tree:

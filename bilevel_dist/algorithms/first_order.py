@@ -86,7 +86,7 @@ class Penalty(Algorithm):
     ) -> tuple[Tree, Tree | None, Tree]:
         """``(∇_w f̃, ∇_x f̃, ∇_w g)`` at ``(w, x)``, the multiplier and λ terms added;
         ``outer=False`` skips ``∇_x f̃`` (and its mixed product): the w-steps need only ``∇_w f̃``."""
-        lin = self.oracles.linearize(w, x, inner_batch, joint=outer)
+        lin = self.oracles.linearize(w, x, inner_batch, joint=outer, mixed=outer)
         g = lin.grad  # already the mean over ranks: reduced before it is squared
         fw, fx = self.oracles.outer_grads(w, x, outer_batch)
         direction = tree.scale(g, state["gamma"])

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
+from bilevel_dist import _autograd as autograd
 from bilevel_dist import tree
 from bilevel_dist._checks import positive_int
 from bilevel_dist.hypergrad.base import Estimator, Solution, outer_grads, run_info
@@ -27,7 +28,7 @@ def _backprop(oracles: Oracles, inner: Tree, outer: Tree, batch: Any) -> Tree:
     value = oracles.problem.outer_loss(inner, outer, batch)
     if not value.requires_grad:  # neither level depends on the outer variables
         return oracles.outer_gradient(tree.zeros_like(tree.detach(outer)))
-    grads = torch.autograd.grad(value, list(outer.values()), allow_unused=True)
+    grads = autograd.grad((value,), outer.values())
     local = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(outer.items(), grads, strict=True)}
     return oracles.outer_gradient(local)
 
