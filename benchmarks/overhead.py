@@ -14,7 +14,9 @@ as the outer batch:
 - ``cg``: the implicit estimator alone, ``hypergrad.get("cg", iters=20)`` through ``solve`` on
   ridge regression (n = 2000, d = 200, one weight decay per feature) at the exact ``w*``;
 - ``maml``: the few-shot recipe's MAML meta-step on 32 sinusoid tasks (``benchmarks/fewshot.py``'s
-  workload, float32) against its fastest hand-written form (``vmap`` + ``autograd.grad``).
+  workload, float32) against its fastest hand-written form (``vmap`` + ``autograd.grad``);
+- ``maml, displaced``: the same against a hand-written loop in the recipe's own form (each task
+  adapts a displacement from the meta-parameters).
 
 Each hand-written loop uses autograd double backward on plain tensors, the fastest plain form
 here. Timing: one torch thread, the two variants alternate in blocks of steps, a cell is the
@@ -265,6 +267,35 @@ class FewShotHand(FewShotFramework):
         self.variant = fewshot.VmapAutograd(tasks)
 
 
+class FewShotHandDisplaced(FewShotFramework):
+    """The hand-written MAML step in the recipe's form: each task adapts a displacement ``δ_t``
+    from 0 and its network is ``θ + δ_t`` (``VmapAutograd`` otherwise)."""
+
+    def __init__(self, fewshot, tasks: int) -> None:
+        super().__init__(fewshot, tasks)
+        self.variant = _displaced(fewshot)(tasks)
+
+
+def _displaced(fewshot):
+    from torch.func import functional_call, vmap
+
+    class Displaced(fewshot.VmapAutograd):
+        def meta_grad(self, batch):
+            forward = vmap(lambda p, x: functional_call(self.net, p, (x,)))
+            inner, outer = batch["inner"], batch["outer"]
+            delta = {k: v.new_zeros(self.tasks, *v.shape).requires_grad_() for k, v in self.leaves.items()}
+            for _ in range(fewshot.INNER_STEPS):
+                fast = {k: self.leaves[k] + d for k, d in delta.items()}
+                loss = (forward(fast, inner["x"]) - inner["y"]).pow(2).mean((1, 2)).sum()
+                grads = torch.autograd.grad(loss, list(delta.values()), create_graph=True)
+                delta = {k: d - fewshot.INNER_LR * g for (k, d), g in zip(delta.items(), grads, strict=True)}
+            fast = {k: self.leaves[k] + d for k, d in delta.items()}
+            query = (forward(fast, outer["x"]) - outer["y"]).pow(2).mean((1, 2)).mean()
+            return dict(zip(self.leaves, torch.autograd.grad(query, list(self.leaves.values())), strict=True))
+
+    return Displaced
+
+
 def _workloads() -> dict[str, tuple[Callable, Callable, torch.dtype]]:
     import fewshot
 
@@ -279,6 +310,11 @@ def _workloads() -> dict[str, tuple[Callable, Callable, torch.dtype]]:
             torch.float64,
         ),
         "maml": (lambda: FewShotFramework(fewshot, 32), lambda: FewShotHand(fewshot, 32), torch.float32),
+        "maml, displaced": (
+            lambda: FewShotFramework(fewshot, 32),
+            lambda: FewShotHandDisplaced(fewshot, 32),
+            torch.float32,
+        ),
         "cg": (RidgeFramework, RidgeHand, torch.float64),
     }
 

@@ -106,6 +106,7 @@ def test_two_process_ddp_equals_one_process_and_naive_penalty_differs(tmp_path):
                 for key, value in r0["full"][level].items():
                     assert torch.equal(value, r1["full"][level][key]), (name, step, key)
                     worst[name] = max(worst[name], float((value - one["full"][level][key]).abs().max()))
+            assert not r0["wrapped"] and not r1["wrapped"]  # DDP's strategy, without DDP's wrapper
             for key, value in r0["own"]["inner"].items():  # the model is replicated: identical on every rank
                 assert torch.equal(value, r1["own"]["inner"][key])
             sharded = ddp_fit.RUNS[name][1]

@@ -116,7 +116,7 @@ class Algorithm:
                 "algorithm.name",
                 f"{self.name} keeps a trajectory of one lower level: it needs persistent inner variables",
             )
-        fresh = self.init(state["outer"], inner)
+        fresh = self.init({}, inner)  # no outer: its copies and buffers would be dropped
         return {**state, **{k: fresh[k] for k in self.inner_keys if k in fresh}}
 
     def cost(self, t: int) -> dict[str, int]:

@@ -10,7 +10,9 @@ averages every inner oracle across ranks; ``"batched"`` lower levels (one row pe
 client or image, losses summed over them) make no collective until the outer gradient. Leaves
 named in ``per_sample`` are sharded by rows (each rank keeps the rows of the samples it owns) and
 gathered for checkpoints. Replicated variables are the module's parameters, so they are in
-``state_dict`` and are broadcast from rank 0 when DDP starts. A lower level that starts afresh
+``state_dict`` and are broadcast from rank 0 when a DDP strategy starts, which does not wrap the
+module in ``DistributedDataParallel``: nothing calls ``backward`` on its parameters, so the
+wrapper's reducer and per-step buffer broadcasts would only cost time. A lower level that starts afresh
 every step (:meth:`BilevelModule.inner_init`) is neither kept nor checkpointed.
 """
 
@@ -23,6 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from bilevel_dist import algorithms
@@ -283,6 +287,11 @@ class BilevelModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return _StepCounter(self.parameters())
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy):  # Ray Train's strategy too: it subclasses DDPStrategy
+            strategy.configure_ddp = lambda: _sync_module_states(strategy.model)  # no wrapper, same start
 
     def on_fit_start(self) -> None:
         trainer = self.trainer

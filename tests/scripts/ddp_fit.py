@@ -45,7 +45,8 @@ class Record(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         own = {level: tree.detach(module.state[level]) for level in ("outer", "inner")}
         full = {level: module.gathered(level) for level in ("outer", "inner")}
-        self.steps.append({"own": own, "full": full, "ids": batch["inner"]["index"].clone()})
+        wrapped = trainer.strategy.model is not module  # DDP's wrapper: the module does not use it
+        self.steps.append({"own": own, "full": full, "ids": batch["inner"]["index"].clone(), "wrapped": wrapped})
 
 
 def fit(name: str, devices: int, shards: int, checkpoint: str | None = None, root: str | None = None) -> list:

@@ -144,6 +144,7 @@ class Federated(BilevelModule):
 
     # -- the network -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         data = getattr(self.trainer, "datamodule", None)
         if data is not None and self.input_shape is None:
             self.input_shape, self.classes = tuple(data.input_shape), data.classes
