@@ -18,6 +18,11 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}", str(self))
 
 
+class NonFiniteError(RuntimeError):
+    """A step produced non-finite values (under ``nonfinite="raise"``): the state was not updated,
+    so the last checkpoint and the module's variables stay finite (the CLI exits with code 1)."""
+
+
 def setting(key: str, check: Any, value: Any) -> Any:
     """``check(key, value)``, its ``TypeError``/``ValueError`` turned into a :class:`ConfigError`
     that names ``key``."""

@@ -1,17 +1,19 @@
 """The ``bilevel-dist`` command: ``fit``, ``validate`` and ``test`` on Lightning's ``LightningCLI``
-(built by :mod:`bilevel_dist.lightning_cli`), ``tune`` (:mod:`bilevel_dist.tune`) and ``estimators``.
+(built by :mod:`bilevel_dist.lightning_cli`), ``tune`` (:mod:`bilevel_dist.tune`), ``plot``
+(:mod:`bilevel_dist.health`) and ``estimators``.
 
 ``bilevel-dist fit --config recipes/data_denoising/digits.yaml --model.algorithm.name soba``.
 Configs use ``class_path``/``init_args`` for the model (a :class:`BilevelModule`) and the data (a
 :class:`BilevelDataModule`). A user mistake (unknown key, wrong type, unknown algorithm, a bad
 value, a missing file) prints one line naming the key and exits with code 2, without a traceback.
+A run whose step turns non-finite under ``nonfinite: raise`` prints one line and exits with code 1.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bilevel_dist._checks import ConfigError
+from bilevel_dist._checks import ConfigError, NonFiniteError
 from bilevel_dist.lightning_cli import COMMANDS, UserError, cli_class, origin_of
 
 
@@ -70,6 +72,31 @@ def _tune(argv: list[str]) -> int:
         return 2
 
 
+def _plot(argv: list[str]) -> int:
+    """``bilevel-dist plot LOGDIR [--out FILE.png]``: the hypergradient-health panels of a run."""
+    import argparse
+
+    class Arguments(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UserError(message)
+
+    parser = Arguments(prog="bilevel-dist plot", description="Hypergradient-health panels from a run's logs.")
+    parser.add_argument("logdir", help="the run's log directory (metrics.csv or TensorBoard events below it)")
+    parser.add_argument("--out", help="the PNG to write (default: LOGDIR/health.png)")
+    try:
+        args = parser.parse_args(argv)
+        from bilevel_dist import health
+
+        print(health.plot(args.logdir, args.out))
+        return 0
+    except UserError as error:
+        print(f"bilevel-dist: error: {error}", file=sys.stderr)
+        return 2
+    except ConfigError as error:
+        print(f"bilevel-dist: error: {error}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code (2 for a user mistake, printed as one line)."""
     from_shell = argv is None
@@ -78,17 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         return _estimators()
     if argv[:1] == ["tune"]:
         return _tune(argv[1:])
+    if argv[:1] == ["plot"]:
+        return _plot(argv[1:])
     if argv[:1] == ["--version"]:
         import bilevel_dist
 
         print(f"bilevel-dist {bilevel_dist.__version__}")
         return 0
     if not argv or argv[0] in ("-h", "--help"):
-        commands = ", ".join((*COMMANDS, "tune", "estimators"))
+        commands = ", ".join((*COMMANDS, "tune", "plot", "estimators"))
         print(f"usage: bilevel-dist {{{commands}}} [--config FILE.yaml] [--help]")
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
-        commands = ", ".join((*COMMANDS, "tune", "estimators"))
+        commands = ", ".join((*COMMANDS, "tune", "plot", "estimators"))
         print(f"bilevel-dist: error: unknown command {argv[0]!r}; choose one of {commands}", file=sys.stderr)
         return 2
     try:
@@ -96,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"bilevel-dist: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:  # the run diverged: not a config mistake, the checkpoints stay good
+        print(f"bilevel-dist: error: {error}", file=sys.stderr)
+        return 1
     except ConfigError as error:  # raised while running, e.g. a batch larger than the dataset
         where = origin_of(error)
         qualified = where == "trainer" or error.key.startswith(("model.", "data.", "trainer."))

@@ -17,8 +17,11 @@ class Metrics(Mapping[str, Any]):
     """A read-only mapping whose values may be deferred: a callable is evaluated on first read
     (and kept), so ``float(metrics["hypergrad_norm"])`` works as on a dict."""
 
-    def __init__(self, values: Mapping[str, Any] | None = None, **more: Any) -> None:
+    def __init__(self, values: Mapping[str, Any] | None = None, *, direction: Any = None, **more: Any) -> None:
         self._values: dict[str, Any] = {**(values._values if isinstance(values, Metrics) else values or {}), **more}
+        #: the outer direction the step used (its hypergradient estimate, reduced over ranks, shaped
+        #: like the outer tree): not a logged value, what a monitor compares with a reference
+        self.direction = direction if direction is not None or not isinstance(values, Metrics) else values.direction
 
     def __getitem__(self, key: str) -> Any:
         value = self._values[key]
@@ -34,7 +37,8 @@ class Metrics(Mapping[str, Any]):
 
     def __or__(self, other: Mapping[str, Any]) -> Metrics:
         more = other._values if isinstance(other, Metrics) else other
-        return Metrics({**self._values, **more})
+        direction = other.direction if isinstance(other, Metrics) and other.direction is not None else self.direction
+        return Metrics({**self._values, **more}, direction=direction)
 
     def select(self, *keys: str) -> Metrics:
         """The entries named in ``keys`` that are present, still unevaluated."""

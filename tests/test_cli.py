@@ -29,7 +29,7 @@ def test_lists_every_estimator():
 def test_unknown_command_exits_2_without_traceback():
     result = run_cli("fly")
     assert result.returncode == 2
-    choices = "fit, validate, test, tune, estimators"
+    choices = "fit, validate, test, tune, plot, estimators"
     assert result.stderr == f"bilevel-dist: error: unknown command 'fly'; choose one of {choices}\n"
 
 

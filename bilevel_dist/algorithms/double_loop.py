@@ -59,7 +59,7 @@ class DoubleLoop(Algorithm):
             moved = d
         state = {**state, "outer": descend(state["outer"], moved, step), "inner": solution.inner, "t": t + 1}
         shown = solution.info.select("inner_grad_norm", "linear_residual")
-        return state, Metrics(hypergrad_norm=self.norm(d), outer_lr=step) | shown | metrics
+        return state, Metrics(hypergrad_norm=self.norm(d), direction=d, outer_lr=step) | shown | metrics
 
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         return self.outer_update(state, self.solve(state, inner_batch, outer_batch), Metrics())

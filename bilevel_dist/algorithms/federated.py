@@ -141,7 +141,7 @@ class FedAvg(Algorithm):
         state, moved = self.server_step(state, direction)
         # the client models lived for their chunk only: nothing per client is kept
         state = {**state, "outer": tree.axpy(-self.h["server_lr"], moved, w), "inner": {}, "t": state["t"] + 1}
-        return state, Metrics(**info)
+        return state, Metrics(**info, direction=direction)
 
     # -- aggregation -------------------------------------------------------------------------
     def updates(self, w: Tree, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -122,7 +122,9 @@ class Penalty(Algorithm):
         # the schedule's test needs this number on every step (one scalar, same on every rank)
         residual = float(self.oracles.total_dot(dw, dw) + self.comm.dot(dx, dx))
         state = {**state, "inner": w, "outer": x, "t": state["t"] + 1, "stage_steps": state["stage_steps"] + 1}
-        metrics = Metrics(hypergrad_norm=self.norm(dx), penalty_gamma=state["gamma"], penalty_residual=residual**0.5)
+        metrics = Metrics(
+            hypergrad_norm=self.norm(dx), direction=dx, penalty_gamma=state["gamma"], penalty_residual=residual**0.5
+        )
         if residual <= state["epsilon"] ** 2:
             gamma = state["gamma"] * self.h["gamma_factor"]
             state |= {
@@ -173,7 +175,9 @@ class BOME(Algorithm):
         dw, dx = tree.axpy(lam, qw, fw), tree.axpy(lam, qx, fx)
         step = decayed(self.h["outer_lr"], state["t"], self.h["outer_decay"])
         state = {**state, "inner": descend(w, dw, step), "outer": descend(x, dx, step), "t": state["t"] + 1}
-        return state, Metrics(hypergrad_norm=self.norm(dx), inner_grad_norm=self.norm(gw), bome_lambda=lam)
+        return state, Metrics(
+            hypergrad_norm=self.norm(dx), direction=dx, inner_grad_norm=self.norm(gw), bome_lambda=lam
+        )
 
 
 class F2SA(Algorithm):
@@ -222,4 +226,4 @@ class F2SA(Algorithm):
             "lam": min(lam + self.h["lam_growth"], self.h["lam_max"]),
             "t": state["t"] + 1,
         }
-        return state, Metrics(hypergrad_norm=self.norm(d), f2sa_lambda=lam)
+        return state, Metrics(hypergrad_norm=self.norm(d), direction=d, f2sa_lambda=lam)

@@ -62,7 +62,9 @@ class SingleLoop(Algorithm):
 
     def soba_metrics(self, dw: Tree, dv: Tree, dx: Tree) -> Metrics:
         """The norms of SOBA's three directions."""
-        return Metrics(hypergrad_norm=self.norm(dx), inner_grad_norm=self.norm(dw), linear_residual=self.norm(dv))
+        return Metrics(
+            hypergrad_norm=self.norm(dx), direction=dx, inner_grad_norm=self.norm(dw), linear_residual=self.norm(dv)
+        )
 
     def soba_cost(self, times: int = 1) -> dict[str, int]:
         """What ``times`` calls of :meth:`soba_directions` cost."""
@@ -160,7 +162,7 @@ class TTSA(SingleLoop):
         rho, gamma = self.rates(t)
         dw, dx = self.neumann_directions(w, x, inner_batch, outer_batch)
         state = {**state, "inner": descend(w, dw, rho), "outer": descend(x, dx, gamma), "t": t + 1}
-        return state, Metrics(hypergrad_norm=self.norm(dx), inner_grad_norm=self.norm(dw))
+        return state, Metrics(hypergrad_norm=self.norm(dx), direction=dx, inner_grad_norm=self.norm(dw))
 
 
 class MRBO(SingleLoop):
@@ -201,7 +203,7 @@ class MRBO(SingleLoop):
         new_x = descend(x, d, gamma)
         new_w = descend(w, u, rho)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "inner": new_w, "outer": new_x, "t": t + 1}
-        return state, Metrics(hypergrad_norm=self.norm(d), inner_grad_norm=self.norm(u))
+        return state, Metrics(hypergrad_norm=self.norm(d), direction=d, inner_grad_norm=self.norm(u))
 
 
 class SUSTAIN(MRBO):
@@ -233,4 +235,4 @@ class SUSTAIN(MRBO):
             u = tree.axpy(keep, tree.sub(state["u"], old_u), u)
         state = {**state, "prev": {"inner": w, "outer": x}, "u": u, "d": d, "t": t + 1}
         state["inner"], state["outer"] = descend(w, u, rho), new_x
-        return state, Metrics(hypergrad_norm=self.norm(d), inner_grad_norm=self.norm(u))
+        return state, Metrics(hypergrad_norm=self.norm(d), direction=d, inner_grad_norm=self.norm(u))

@@ -182,7 +182,9 @@ class SRBA(_Recursive):
             "outer": descend(point["outer"], est["x"], gamma),
             "t": t + 1,
         }
-        return state, Metrics(hypergrad_norm=self.norm(est["x"]), inner_grad_norm=self.norm(est["w"]))
+        return state, Metrics(
+            hypergrad_norm=self.norm(est["x"]), direction=est["x"], inner_grad_norm=self.norm(est["w"])
+        )
 
 
 class VRBO(_Recursive):
@@ -225,7 +227,7 @@ class VRBO(_Recursive):
             old_w, old_x = w, x
         # The stored estimate stays the one at ``point``: the next recursion differences from there.
         state = {**state, "prev": point, "estimate": est, "inner": w, "outer": x, "t": t + 1}
-        return state, Metrics(hypergrad_norm=self.norm(est["x"]), inner_grad_norm=self.norm(u))
+        return state, Metrics(hypergrad_norm=self.norm(est["x"]), direction=est["x"], inner_grad_norm=self.norm(u))
 
 
 __all__ = ["SABA", "SRBA", "VRBO"]

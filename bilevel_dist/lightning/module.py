@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from bilevel_dist import algorithms
-from bilevel_dist._checks import ConfigError
+from bilevel_dist._checks import ConfigError, NonFiniteError, one_line
 from bilevel_dist.distributed import Comm, local_rows, pin_cpus
 from bilevel_dist.metrics import Metrics
 from bilevel_dist.oracles import Chunks
@@ -40,6 +40,7 @@ from bilevel_dist.tree import Tree
 _LEVELS = ("outer", "inner")
 _PROGRESS_EVERY = 10  # steps between progress-bar updates of the outer loss and throughput
 LOWER_LEVELS = ("shared", "batched")
+NONFINITE = ("raise", "skip")
 
 
 class _StepCounter(torch.optim.Optimizer):
@@ -67,6 +68,12 @@ class BilevelModule(L.LightningModule):
         lower_level: ``"shared"`` (one lower-level problem over every rank's data, losses are
             means) or ``"batched"`` (independent problems, one row each, losses are sums over
             them: see :mod:`bilevel_dist.oracles`).
+        nonfinite: what a step with a non-finite hypergradient or new variables does, found
+            before the state is updated (one host read per step): ``"raise"`` stops the run with
+            :class:`~bilevel_dist._checks.NonFiniteError` naming the step, the quantity and the
+            last logged values (the CLI exits with code 1); ``"skip"`` drops the step, counts it
+            (``skipped_steps``, logged) and goes on. A checkpoint is never written with
+            non-finite values.
         inner_loss, outer_loss, variables, inner_init: the two losses, ``() -> (outer, inner)``
             and :meth:`inner_init`, to build a module from callables instead of a subclass.
     """
@@ -79,6 +86,7 @@ class BilevelModule(L.LightningModule):
         algorithm: dict[str, Any] | None = None,
         per_sample: Iterable[str] = (),
         lower_level: str = "shared",
+        nonfinite: str = "raise",
         *,
         inner_loss: Callable[[Tree, Tree, Any], Tensor] | None = None,
         outer_loss: Callable[[Tree, Tree, Any], Tensor] | None = None,
@@ -96,6 +104,13 @@ class BilevelModule(L.LightningModule):
         if lower_level not in LOWER_LEVELS:
             raise ConfigError("lower_level", f"lower_level must be one of {list(LOWER_LEVELS)}, got {lower_level!r}")
         self.lower_level = lower_level
+        if nonfinite not in NONFINITE:
+            raise ConfigError("nonfinite", f"nonfinite must be one of {list(NONFINITE)}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        #: the last step's metrics (``last_metrics.direction``: the direction it used), for callbacks
+        self.last_metrics: Metrics | None = None
+        self._last_logged: tuple[int, dict[str, float]] | None = None
         # a lower level that starts afresh every step: the hook is overridden or given
         self.episodic = inner_init is not None or type(self).inner_init is not BilevelModule.inner_init
         spec = dict(algorithm or {})
@@ -319,6 +334,15 @@ class BilevelModule(L.LightningModule):
         if self.episodic:
             state = self.algorithm.restart(state, self.inner_init(state["outer"], inner_batch))
         state, metrics = self.algorithm.step(state, inner_batch, outer_batch)
+        bad = self._nonfinite({"hypergradient": metrics.direction, "outer": state["outer"], "inner": state["inner"]})
+        if bad is not None:
+            self._refuse(bad)  # raises, or the step is dropped: the state stays as it was
+            self.optimizers().step()
+            self.last_metrics = None
+            for logger in self.loggers:
+                logger.log_metrics({"skipped_steps": float(self.skipped_steps)}, step=self.global_step - 1)
+            return
+        self.last_metrics = metrics
         self._state = state
         self._mirror()
         self.optimizers().step()
@@ -340,11 +364,48 @@ class BilevelModule(L.LightningModule):
         # straight to the loggers, one row per step (self.log would cost ~0.35 ms per key)
         if log_now:
             logged |= Metrics(metrics).floats()
+            if self.skipped_steps:
+                logged["skipped_steps"] = float(self.skipped_steps)
+            self._last_logged = (self.global_step - 1, logged)
             for logger in self.loggers:
                 logger.log_metrics(logged, step=self.global_step - 1)
         if show_now:  # self.log costs ~0.35 ms per key
             shown = {k: logged[k] for k in ("outer_loss", "samples_per_sec")}
             self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=size)
+
+    def _nonfinite(self, parts: dict[str, Tree | None]) -> tuple[str, str] | None:
+        """The first ``(quantity, key)`` with a non-finite value, on any rank (every rank gets the
+        same answer: the per-tensor flags are summed over ranks), or ``None``."""
+        named = [(part, k, v) for part, t in parts.items() if t for k, v in t.items() if v.is_floating_point()]
+        if not named:
+            return None
+        bad = torch.stack([~torch.isfinite(v).all() for _, _, v in named]).to(torch.float64)
+        if self.comm.active:
+            bad = self.comm.sum({"nonfinite": bad})["nonfinite"]
+        flags = bad.tolist()  # the one host read of the check
+        first = next((i for i, flag in enumerate(flags) if flag), None)
+        return None if first is None else named[first][:2]
+
+    def _refuse(self, where: tuple[str, str]) -> None:
+        quantity, key = where
+        what = {"hypergradient": "the hypergradient", "outer": "the outer variable", "inner": "the inner variable"}
+        step = self.global_step
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        if self._last_logged is None:
+            last = "none logged yet"
+        else:
+            logged_step, values = self._last_logged
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "samples_per_sec")
+            last = f"at step {logged_step}: {shown}"
+        raise NonFiniteError(
+            one_line(
+                f"step {step}: {what[quantity]} {key!r} is not finite after the {self.algorithm_name} step; the "
+                f"state was not updated. Last finite values {last}. Lower the step sizes, or set the "
+                "model's nonfinite: skip to drop such steps"
+            )
+        )
 
     def on_train_epoch_start(self) -> None:
         self._last_step_end = None
@@ -382,6 +443,9 @@ class BilevelModule(L.LightningModule):
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = self.state
+        bad = self._nonfinite({level: state[level] for level in _LEVELS})
+        if bad is not None:  # never write one: the last good checkpoint stays the last
+            raise NonFiniteError(f"refusing to write a checkpoint: the {bad[0]} variable {bad[1]!r} is not finite")
         # replicated variables are in state_dict; per-sample rows are gathered from every rank
         parts = {level: {k: v for k, v in state[level].items() if k in self._rows} for level in _LEVELS}
         # a lower level that starts afresh every step is not kept: only persistent rows and buffers
@@ -389,6 +453,7 @@ class BilevelModule(L.LightningModule):
         parts["buffers"] = {k: v for k, v in state.items() if k not in _LEVELS and k not in transient}
         saved = _map_sharded(parts, self.comm.sharded, self._gather)
         checkpoint["bilevel"] = {"algorithm": self.algorithm_name, **saved, "rng": torch.get_rng_state()}
+        checkpoint["bilevel"]["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("bilevel")
@@ -397,6 +462,7 @@ class BilevelModule(L.LightningModule):
         self._build()
         self._restored = saved
         self._state = None
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
         torch.set_rng_state(saved["rng"])
 
 

@@ -49,6 +49,7 @@ class Denoising(BilevelModule):
             validation, unweighted).
         shard_weights: shard the per-sample weights across ranks (else every rank holds all).
         model_seed: seed of the classifier's initialisation (the baselines start from it too).
+        nonfinite: ``"raise"`` or ``"skip"`` a step with non-finite values (:class:`BilevelModule`).
     """
 
     validation_metrics = (*BilevelModule.validation_metrics, "val_accuracy")
@@ -64,9 +65,10 @@ class Denoising(BilevelModule):
         baselines: tuple[str, ...] = BASELINES,
         shard_weights: bool = True,
         model_seed: int = 0,
+        nonfinite: str = "raise",
     ) -> None:
         spec = algorithm or {"name": "penalty", "inner_steps": 5, "inner_lr": 0.5, "outer_lr": 100.0}
-        super().__init__(spec, per_sample=("logit",) if shard_weights else ())
+        super().__init__(spec, per_sample=("logit",) if shard_weights else (), nonfinite=nonfinite)
         if model not in models.NAMES:
             raise ConfigError("model", f"unknown model {model!r}; choose one of {list(models.NAMES)}")
         unknown = sorted(set(baselines) - set(BASELINES))

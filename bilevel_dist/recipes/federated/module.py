@@ -110,6 +110,7 @@ class Federated(BilevelModule):
             logged as ``dp_epsilon`` by the RDP accountant of ``dp-accounting`` (the
             ``[federated]`` extra) for Poisson sampling at rate ``C``.
         input_shape, classes: taken from the data module when the CLI links them.
+        nonfinite: ``"raise"`` or ``"skip"`` a step with non-finite values (:class:`BilevelModule`).
     """
 
     validation_metrics = ("val_accuracy", "val_loss")
@@ -124,13 +125,14 @@ class Federated(BilevelModule):
         dp_delta: float = 1e-5,
         input_shape: tuple[int, ...] | None = None,
         classes: int | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         if method not in METHODS:
             raise ConfigError("method", f"unknown method {method!r}; choose one of {list(METHODS)}")
         if model not in MODELS:
             raise ConfigError("model", f"unknown model {model!r}; choose one of {list(MODELS)}")
         spec = {**METHODS[method], **(algorithm or {})}
-        super().__init__(spec, lower_level="batched")
+        super().__init__(spec, lower_level="batched", nonfinite=nonfinite)
         self.save_hyperparameters()
         self.method, self.model_name, self.hidden, self.model_seed = method, model, hidden, model_seed
         self.input_shape, self.classes, self.dp_delta = input_shape, classes, dp_delta

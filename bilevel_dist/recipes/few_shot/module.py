@@ -90,6 +90,7 @@ class FewShot(BilevelModule):
         model_seed: seed of the backbone's initialisation (every baseline starts from it).
         ways, meta_batch, input_shape, regression, train_classes: from the data module unless
             given.
+        nonfinite: ``"raise"`` or ``"skip"`` a step with non-finite values (:class:`BilevelModule`).
     """
 
     validation_metrics = ("val_accuracy", "val_mse")
@@ -114,6 +115,7 @@ class FewShot(BilevelModule):
         input_shape: tuple[int, ...] | None = None,
         regression: bool | None = None,
         train_classes: int | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         if method not in METHODS:
             raise ConfigError("method", f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -123,7 +125,7 @@ class FewShot(BilevelModule):
         if unknown:
             raise ConfigError("baselines", f"unknown baseline {unknown[0]!r}; choose among {list(BASELINES)}")
         self._formulations: dict[str, Formulation] = {}
-        super().__init__(algorithm_spec(method, algorithm), lower_level="batched")
+        super().__init__(algorithm_spec(method, algorithm), lower_level="batched", nonfinite=nonfinite)
         self.save_hyperparameters()
         self.method, self.backbone_name, self.width, self.prox, self.head_reg = method, backbone, width, prox, head_reg
         self.head_steps, self.head_lr, self.baseline_lr, self.model_seed = head_steps, head_lr, baseline_lr, model_seed
