@@ -257,13 +257,17 @@ def test_the_recipe_config_adds_the_monitor_and_plot_draws_the_health_panels(tmp
     assert monitor["class_path"] == "bilevel_dist.lightning.HypergradientMonitor"
     monitor["init_args"]["every_n_steps"] = 5
     checkpoints["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
-    settings["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings))
     args = ["fit", "--config", str(config), "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false"]
     args += ["--trainer.val_check_interval", "10", "--model.baselines", "[]", "--trainer.precision", "64-true"]
     args += ["--trainer.default_root_dir", str(tmp_path)]
-    assert main(args) == 0
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the CLI's default logger writes to ./logs
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
     series = read(tmp_path / "logs")
     assert [step for step, _ in series["monitor/cosine"]] == [0, 5, 10, 15]
     cosines = [value for _, value in series["monitor/cosine"]]

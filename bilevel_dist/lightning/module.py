@@ -334,7 +334,9 @@ class BilevelModule(L.LightningModule):
         if self.episodic:
             state = self.algorithm.restart(state, self.inner_init(state["outer"], inner_batch))
         state, metrics = self.algorithm.step(state, inner_batch, outer_batch)
-        bad = self._nonfinite({"hypergradient": metrics.direction, "outer": state["outer"], "inner": state["inner"]})
+        # a lower level that starts afresh every step is dropped next step: only what persists counts
+        inner = {} if self.episodic else state["inner"]
+        bad = self._nonfinite({"hypergradient": metrics.direction, "outer": state["outer"], "inner": inner})
         if bad is not None:
             self._refuse(bad)  # raises, or the step is dropped: the state stays as it was
             self.optimizers().step()
@@ -374,13 +376,16 @@ class BilevelModule(L.LightningModule):
             self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=size)
 
     def _nonfinite(self, parts: dict[str, Tree | None]) -> tuple[str, str] | None:
-        """The first ``(quantity, key)`` with a non-finite value, on any rank (every rank gets the
-        same answer: the per-tensor flags are summed over ranks), or ``None``."""
+        """The first ``(quantity, key)`` with a non-finite value, on any rank, or ``None``. Every
+        rank gets the same answer: where ranks hold different values (sharded rows, persistent
+        independent lower levels) the per-tensor flags are summed over ranks, one small sum;
+        replicated and reduced values are the same everywhere and need none."""
         named = [(part, k, v) for part, t in parts.items() if t for k, v in t.items() if v.is_floating_point()]
         if not named:
             return None
         bad = torch.stack([~torch.isfinite(v).all() for _, _, v in named]).to(torch.float64)
-        if self.comm.active:
+        local = bool(self._rows) or (self.lower_level == "batched" and not self.episodic)
+        if local and self.comm.active:
             bad = self.comm.sum({"nonfinite": bad})["nonfinite"]
         flags = bad.tolist()  # the one host read of the check
         first = next((i for i, flag in enumerate(flags) if flag), None)
