@@ -11,6 +11,7 @@ A run whose step turns non-finite under ``nonfinite: raise`` prints one line and
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from bilevel_dist._checks import ConfigError, NonFiniteError
@@ -25,15 +26,19 @@ def _estimators() -> int:
     return 0
 
 
-def _tune(argv: list[str]) -> int:
-    """``bilevel-dist tune --config RECIPE.yaml --search SEARCH.yaml`` or ``--resume DIR``."""
-    import argparse
+def _arguments(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser whose mistakes raise :class:`UserError` (one line, exit code 2)."""
 
     class Arguments(argparse.ArgumentParser):
         def error(self, message: str) -> None:  # type: ignore[override]
             raise UserError(message)
 
-    parser = Arguments(prog="bilevel-dist tune", description="A Ray Tune sweep over a recipe's config keys.")
+    return Arguments(prog=prog, description=description)
+
+
+def _tune(argv: list[str]) -> int:
+    """``bilevel-dist tune --config RECIPE.yaml --search SEARCH.yaml`` or ``--resume DIR``."""
+    parser = _arguments("bilevel-dist tune", "A Ray Tune sweep over a recipe's config keys.")
     parser.add_argument("--config", help="the recipe: a fit config (RECIPE.yaml)")
     parser.add_argument("--search", help="SEARCH.yaml: space, metric, mode, scheduler, resources, ...")
     parser.add_argument("--name", help="the sweep's name (default: recipe name and time)")
@@ -74,13 +79,7 @@ def _tune(argv: list[str]) -> int:
 
 def _plot(argv: list[str]) -> int:
     """``bilevel-dist plot LOGDIR [--out FILE.png]``: the hypergradient-health panels of a run."""
-    import argparse
-
-    class Arguments(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # type: ignore[override]
-            raise UserError(message)
-
-    parser = Arguments(prog="bilevel-dist plot", description="Hypergradient-health panels from a run's logs.")
+    parser = _arguments("bilevel-dist plot", "Hypergradient-health panels from a run's logs.")
     parser.add_argument("logdir", help="the run's log directory (metrics.csv or TensorBoard events below it)")
     parser.add_argument("--out", help="the PNG to write (default: LOGDIR/health.png)")
     try:

@@ -4,13 +4,13 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from test_lightning import trainer
 
 from bilevel_dist import algorithms, hypergrad, tree
 from bilevel_dist._checks import NonFiniteError
@@ -22,21 +22,6 @@ from bilevel_dist.recipes.data_denoising import Denoising, DigitsData
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-
-
-def trainer(**kwargs):
-    options = dict(
-        default_root_dir=tempfile.mkdtemp(prefix="bilevel_dist_test_"),
-        accelerator="cpu",
-        devices=1,
-        precision="64-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**options, **kwargs})
 
 
 def ridge_module(ridge, spec, log_lambda=-1.0):
