@@ -6,7 +6,7 @@ Panels (the keys, as :class:`~bilevel_dist.lightning.BilevelModule` and
 :class:`~bilevel_dist.lightning.HypergradientMonitor` log them):
 
 - ``monitor/cosine``: the step's direction against the reference hypergradient (1 is exact);
-- ``monitor/relative_error`` and ``monitor/norm_ratio``;
+- ``monitor/relative_error``;
 - ``inner_grad_norm``: how well the lower level is solved;
 - ``linear_residual``: the linear system's residual (SOBA-type methods);
 - ``penalty_gamma``: the penalty schedule;

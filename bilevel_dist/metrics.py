@@ -47,7 +47,7 @@ class Metrics(Mapping[str, Any]):
     def floats(self) -> dict[str, float]:
         """Every value as a Python float (evaluating the deferred ones; per-problem tensors are
         averaged)."""
-        return {k: _as_float(self[k]) for k in self._values}
+        return {k: as_float(self[k]) for k in self._values}
 
     def __repr__(self) -> str:
         shown = {k: ("<deferred>" if callable(v) else v) for k, v in self._values.items()}
@@ -59,7 +59,8 @@ def deferred(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     return lambda: fn(*args)
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
+    """A logged value as a Python float (a per-problem tensor by its mean)."""
     if isinstance(value, Tensor):
         return float(value.detach().float().mean()) if value.numel() != 1 else float(value.detach())
     return float(value)

@@ -13,10 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from bilevel_dist import hypergrad, tree
 from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting
 from bilevel_dist.api import solve
+from bilevel_dist.metrics import as_float
 from bilevel_dist.solvers import GD
 from bilevel_dist.tree import Tree
 
@@ -88,7 +90,7 @@ class HypergradientMonitor(L.Callback):
         if trainer.global_step % self.every_n_steps:
             return
         if self._batches is None or self.batches == "step":  # "fixed": the first checked batch, kept
-            kept = tree_clone(batch)
+            kept = apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone())  # buffers may be reused
             self._batches = (module.localize(kept["inner"]), module.localize(kept["outer"], "outer"))
         state = module.state  # the algorithm's state is never modified in place: no copy needed
         self._point = (state["outer"], state["inner"])
@@ -131,7 +133,7 @@ class HypergradientMonitor(L.Callback):
                 check=False,
                 comm=module.comm,
             )
-        if not module.episodic:
+        if self.batches == "fixed" and not module.episodic:  # the next check's warm start
             self._solved = tree.detach(solution.inner)
         return solution
 
@@ -172,23 +174,9 @@ class HypergradientMonitor(L.Callback):
             trainer.should_stop = True
 
 
-def tree_clone(batch: Any) -> Any:
-    """A deep copy of a nested batch's tensors (the data loader may reuse its buffers)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.detach().clone()
-    if isinstance(batch, dict):
-        return {k: tree_clone(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(tree_clone(v) for v in batch)
-    return batch
-
-
 def _number(value: Any) -> float:
-    if value is None:
-        return float("nan")
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().double().mean()) if value.numel() != 1 else float(value)
-    return float(value)
+    """A diagnostic as a float, NaN where the reference has none (e.g. no linear residual)."""
+    return float("nan") if value is None else as_float(value)
 
 
 __all__ = ["HypergradientMonitor"]
