@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from compiled import TABLE_HEAD, best_times, jaxopt_hypergradient, table_row
+from overhead import ridge_hand_cg
 
 import bilevel_dist as bd
 from bilevel_dist import algorithms
@@ -39,19 +41,6 @@ MLP_SIZES = [(64, 256, 256), (784, 2048, 8192)]  # (features, hidden, samples pe
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _best(fns: dict, blocks: int = 5, steps: int = 10) -> dict[str, float]:
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(blocks):
-        for name, fn in fns.items():
-            _sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            _sync()
-            best[name] = min(best[name], (time.perf_counter() - start) / steps * 1e3)
-    return best
 
 
 def ridge(n: int, d: int, device: str) -> dict:
@@ -71,25 +60,13 @@ def ridge(n: int, d: int, device: str) -> dict:
     eager = run(False)
 
     def hand():
-        wt = w["w"].detach().requires_grad_()
-        xt = x["log_lambda"].detach().requires_grad_()
-        (gw,) = torch.autograd.grad(data.inner_loss({"w": wt}, {"log_lambda": xt}), wt, create_graph=True)
-        (fw,) = torch.autograd.grad(data.outer_loss({"w": wt}, {}), wt)
-        v, r = torch.zeros_like(fw), fw
-        p, rr = r, (r * r).sum()
-        for _ in range(20):
-            (ap,) = torch.autograd.grad(gw, wt, p, retain_graph=True)
-            alpha = rr / (p * ap).sum()
-            v, r = v + alpha * p, r - alpha * ap
-            rr_new = (r * r).sum()
-            p, rr = r + (rr_new / rr) * p, rr_new
-        return -torch.autograd.grad(gw, xt, v)[0]
+        return ridge_hand_cg(data, w, x, iters=20)
 
     fns = {"eager": lambda: run(False), "compiled": lambda: run(True), "hand": hand}
-    jax_fn = _jaxopt(data, x, w)
+    jax_fn = jaxopt_hypergradient(data, x, w)
     if jax_fn is not None:
         fns["jaxopt"] = jax_fn
-    times = _best(fns)
+    times = best_times(fns, blocks=5, sync=_sync)
     reference = eager.grad["log_lambda"]
     diff = float((fast.grad["log_lambda"] - reference).abs().max())
     hand_diff = float((hand() - reference).abs().max())
@@ -101,34 +78,6 @@ def ridge(n: int, d: int, device: str) -> dict:
         "hand_diff": hand_diff,
         "scale": float(reference.abs().max()),
     }
-
-
-def _jaxopt(data, x, w):
-    try:
-        import jax
-        import jax.numpy as jnp
-        from jaxopt import implicit_diff, linear_solve
-    except Exception:  # noqa: BLE001 - jaxopt is optional here
-        return None
-    jax.config.update("jax_enable_x64", True)
-    xt, yt = jnp.asarray(data.x_train.cpu().numpy()), jnp.asarray(data.y_train.cpu().numpy())
-    xv, yv = jnp.asarray(data.x_val.cpu().numpy()), jnp.asarray(data.y_val.cpu().numpy())
-    w_star = jnp.asarray(w["w"].cpu().numpy())
-
-    def inner(w, log_lambda):
-        return 0.5 * jnp.mean((xt @ w - yt) ** 2) + 0.5 * jnp.sum(jnp.exp(log_lambda) * w * w)
-
-    @implicit_diff.custom_root(jax.grad(inner), solve=partial(linear_solve.solve_cg, maxiter=20, tol=0.0))
-    def solution(init, log_lambda):
-        return jax.lax.stop_gradient(w_star)
-
-    def outer(log_lambda):
-        return 0.5 * jnp.mean((xv @ solution(None, log_lambda) - yv) ** 2)
-
-    hypergradient = jax.jit(jax.grad(outer))
-    point = jnp.asarray(x["log_lambda"].cpu().numpy())
-    hypergradient(point).block_until_ready()
-    return lambda: hypergradient(point).block_until_ready()
 
 
 def cleaning_mlp(features: int, hidden: int, batch: int, device: str):
@@ -188,7 +137,7 @@ def mlp_aid(features: int, hidden: int, batch: int, device: str) -> dict:
     stepper(False)()
     diff = max(float((runs[True][1]["outer"][k] - v).abs().max()) for k, v in runs[False][1]["outer"].items())
     scale = max(float(v.abs().max()) for v in runs[False][1]["outer"].values())
-    times = _best({"eager": stepper(False), "compiled": stepper(True)}, blocks=5, steps=5)
+    times = best_times({"eager": stepper(False), "compiled": stepper(True)}, blocks=5, steps=5, sync=_sync)
     torch.set_default_dtype(torch.float64)
     return {
         "workload": f"MLP AID step, {features}-{hidden}-10, {batch} samples",
@@ -279,21 +228,13 @@ def _write(rows: list[dict], device: str, out: Path) -> None:
         f"torch {torch.__version__}, "
         "fastest of 5 alternating blocks.",
         "",
-        "| workload | eager ms | compiled ms | eager / compiled | hand-written ms | jaxopt + jit ms | compile s | "
-        "max abs diff compiled vs eager (scale) |",
-        "|---|---|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['workload']} | failed: {r['error'][:200]} |||||||")
-            continue
-        t = r["times"]
-        hand = f"{t['hand']:.2f}" if "hand" in t else "–"
-        jax = f"{t['jaxopt']:.2f}" if "jaxopt" in t else "–"
-        lines.append(
-            f"| {r['workload']} | {t['eager']:.2f} | {t['compiled']:.2f} | {t['eager'] / t['compiled']:.2f}x | {hand} "
-            f"| {jax} | {r['compile_s']:.0f} | {r['diff']:.1e} ({r['scale']:.1e}) |"
-        )
+        else:
+            lines.append(table_row(r["workload"], r))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
 

@@ -230,23 +230,27 @@ class RidgeFramework(Ridge):
         self.grad = self.grad.grad["log_lambda"]
 
 
+def ridge_hand_cg(data: RidgeRegression, w: dict, x: dict, iters: int = CG_ITERS) -> torch.Tensor:
+    """The ridge hypergradient by a hand-written autograd double-backward CG from 0."""
+    w = w["w"].detach().requires_grad_()
+    x = x["log_lambda"].detach().requires_grad_()
+    (gw,) = torch.autograd.grad(data.inner_loss({"w": w}, {"log_lambda": x}), w, create_graph=True)
+    (fw,) = torch.autograd.grad(data.outer_loss({"w": w}, {}), w)
+    v, r = torch.zeros_like(fw), fw
+    p, rr = r, (r * r).sum()
+    for _ in range(iters):
+        (ap,) = torch.autograd.grad(gw, w, p, retain_graph=True)
+        alpha = rr / (p * ap).sum()
+        v, r = v + alpha * p, r - alpha * ap
+        rr_new = (r * r).sum()
+        p, rr = r + (rr_new / rr) * p, rr_new
+    (jv,) = torch.autograd.grad(gw, x, v)
+    return -jv
+
+
 class RidgeHand(Ridge):
     def step(self) -> None:
-        d = self.data
-        w = self.w["w"].detach().requires_grad_()
-        x = self.x["log_lambda"].detach().requires_grad_()
-        (gw,) = torch.autograd.grad(d.inner_loss({"w": w}, {"log_lambda": x}), w, create_graph=True)
-        (fw,) = torch.autograd.grad(d.outer_loss({"w": w}, {}), w)
-        v, r = torch.zeros_like(fw), fw
-        p, rr = r, (r * r).sum()
-        for _ in range(CG_ITERS):
-            (ap,) = torch.autograd.grad(gw, w, p, retain_graph=True)
-            alpha = rr / (p * ap).sum()
-            v, r = v + alpha * p, r - alpha * ap
-            rr_new = (r * r).sum()
-            p, rr = r + (rr_new / rr) * p, rr_new
-        (jv,) = torch.autograd.grad(gw, x, v)
-        self.grad = -jv
+        self.grad = ridge_hand_cg(self.data, self.w, self.x)
 
 
 class FewShotFramework:
