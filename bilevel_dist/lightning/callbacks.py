@@ -85,15 +85,18 @@ class HypergradientMonitor(L.Callback):
         self._batches: tuple[Any, Any] | None = None
         self._point: tuple[Tree, Tree] | None = None
         self._solved: Tree | None = None
+        self._copy_seconds = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps:
             return
+        start = time.perf_counter()
         if self._batches is None or self.batches == "step":  # "fixed": the first checked batch, kept
             kept = apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone())  # buffers may be reused
             self._batches = (module.localize(kept["inner"]), module.localize(kept["outer"], "outer"))
         state = module.state  # the algorithm's state is never modified in place: no copy needed
         self._point = (state["outer"], state["inner"])
+        self._copy_seconds = time.perf_counter() - start
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         point, self._point = self._point, None
@@ -102,7 +105,7 @@ class HypergradientMonitor(L.Callback):
             return  # not a checked step, or a skipped one
         start = time.perf_counter()
         values = self.check(module, point, metrics.direction)
-        values["seconds"] = time.perf_counter() - start
+        values["seconds"] = time.perf_counter() - start + self._copy_seconds
         self.seconds += values["seconds"]
         self.history.append({"step": float(trainer.global_step - 1), **values})
         for logger in trainer.loggers:

@@ -18,6 +18,7 @@ every step (:meth:`BilevelModule.inner_init`) is neither kept nor checkpointed.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -334,9 +335,20 @@ class BilevelModule(L.LightningModule):
         if self.episodic:
             state = self.algorithm.restart(state, self.inner_init(state["outer"], inner_batch))
         state, metrics = self.algorithm.step(state, inner_batch, outer_batch)
+        log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        show_now = self.global_step % _PROGRESS_EVERY == 0
+        losses = {}
+        if log_now or show_now:  # metrics are computed (and reduced) only when shown: checked with the step
+            with torch.no_grad():
+                losses = {
+                    "inner_loss": self.inner_loss(state["inner"], state["outer"], inner_batch).detach(),
+                    "outer_loss": self.outer_loss(state["inner"], state["outer"], outer_batch).detach(),
+                }
+                losses = self.comm.mean({k: v.reshape(1).to(torch.float64) for k, v in losses.items()})
         # a lower level that starts afresh every step is dropped next step: only what persists counts
         inner = {} if self.episodic else state["inner"]
-        bad = self._nonfinite({"hypergradient": metrics.direction, "outer": state["outer"], "inner": inner})
+        parts = {"hypergradient": metrics.direction, "outer": state["outer"], "inner": inner, "loss": losses}
+        bad = self._nonfinite(parts)
         if bad is not None:
             self._refuse(bad)  # raises, or the step is dropped: the state stays as it was
             self.optimizers().step()
@@ -348,19 +360,11 @@ class BilevelModule(L.LightningModule):
         self._state = state
         self._mirror()
         self.optimizers().step()
-        log_now = self.global_step % self.trainer.log_every_n_steps == 0
-        show_now = (self.global_step - 1) % _PROGRESS_EVERY == 0
         now = time.perf_counter()
         elapsed = now - (self._last_step_end or start)
         self._last_step_end = now
-        if not (log_now or show_now):  # metrics are computed (and reduced) only when shown
+        if not (log_now or show_now):
             return
-        with torch.no_grad():
-            losses = {
-                "inner_loss": self.inner_loss(state["inner"], state["outer"], inner_batch).detach(),
-                "outer_loss": self.outer_loss(state["inner"], state["outer"], outer_batch).detach(),
-            }
-            losses = self.comm.mean({k: v.reshape(1).to(torch.float64) for k, v in losses.items()})
         size = _batch_size(batch["inner"]) * self.comm.world_size
         logged = {**{k: float(v) for k, v in losses.items()}, "samples_per_sec": size / elapsed}
         # straight to the loggers, one row per step (self.log would cost ~0.35 ms per key)
@@ -393,21 +397,26 @@ class BilevelModule(L.LightningModule):
 
     def _refuse(self, where: tuple[str, str]) -> None:
         quantity, key = where
-        what = {"hypergradient": "the hypergradient", "outer": "the outer variable", "inner": "the inner variable"}
+        what = {
+            "hypergradient": "the hypergradient",
+            "outer": "the outer variable",
+            "inner": "the inner variable",
+            "loss": "the loss",
+        }
         step = self.global_step
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             return
         if self._last_logged is None:
-            last = "none logged yet"
+            last = f"none logged yet (logging every {self.trainer.log_every_n_steps} steps)"
         else:
             logged_step, values = self._last_logged
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "samples_per_sec")
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "samples_per_sec" and math.isfinite(v))
             last = f"at step {logged_step}: {shown}"
         raise NonFiniteError(
             one_line(
                 f"step {step}: {what[quantity]} {key!r} is not finite after the {self.algorithm_name} step; the "
-                f"state was not updated. Last finite values {last}. Lower the step sizes, or set the "
+                f"state was not updated. Last finite values: {last}. Lower the step sizes, or set the "
                 "model's nonfinite: skip to drop such steps"
             )
         )
