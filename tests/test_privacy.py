@@ -2,6 +2,7 @@
 iDLG, the replayed update, the cosine cost, single-image FedSGD and FedAvg reconstructions,
 finite differences through the unrolled steps, DP noise, 2 processes = 1, resume, bad input."""
 
+import math
 import os
 import signal
 import subprocess
@@ -157,6 +158,28 @@ def test_psnr_falls_monotonically_with_the_dp_noise_multiplier():
     assert all(a > b for a, b in zip(psnrs, psnrs[1:], strict=False)), psnrs
 
 
+def test_a_global_model_the_federated_recipe_trained_is_audited(tmp_path):
+    """3 FedAvg rounds of the federated recipe's MLP on digits, checkpointed; the audit loads
+    that global model, simulates one client's FedSGD update on it, and its first check reads
+    the client's image off the biased linear first layer exactly."""
+    from bilevel_dist.recipes.federated import Federated, FederatedData
+
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    federated = Federated("fedavg", model="mlp", hidden=16, algorithm={"local_lr": 0.1})
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, callbacks=[checkpoints],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(federated, FederatedData(clients=10, fraction=0.3))
+    trained = torch.load(tmp_path / "last.ckpt", weights_only=True)["bilevel"]["outer"]
+    module, _ = attack_run(1, {"model": "mlp", "width": 16, "global_model": str(tmp_path / "last.ckpt")},
+                           {"dataset": "digits", "size": 8, "first": 5})  # fmt: skip
+    attacked = module.attacked(torch.zeros((), dtype=torch.float32))["model"]
+    assert all(torch.equal(attacked[k], trained[k].float()) for k in trained)
+    print(f"analytic recovery PSNR {module.results['analytic_psnr']:.1f} dB")
+    assert module.results["analytic_psnr"] > 60
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_with_one_collective_per_step(tmp_path):
     import privacy_fit
@@ -245,6 +268,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         (["--model.update_file", str(tmp_path / "update.pt")], "model.init_args.update_file"),
         (["--data.images", "2", "--data.local_batch", "4"], "data.init_args.local_batch"),
         (["--data.dataset", "cifar10", "--data.root", str(tmp_path / "missing")], "data.init_args.root"),
+        (["--model.global_model", str(tmp_path / "update.pt")], "model.init_args.global_model"),
     ]
     for extra, key in cases:
         assert main([*fit, "--trainer.default_root_dir", str(tmp_path), *extra]) == 2, key
@@ -252,3 +276,39 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         errors = [line for line in err.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and "Traceback" not in err, err
         assert errors[0].startswith(f"bilevel-dist: error: {key}"), errors[0]
+
+
+FIT_CONFIGS = sorted(c for c in RECIPES.glob("*.yaml") if c.stem.startswith(("fed", "cifar")))
+SEARCHES = sorted(c for c in RECIPES.glob("*.yaml") if c not in FIT_CONFIGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=[c.stem for c in FIT_CONFIGS])
+def test_every_config_runs_two_steps_and_scores_its_reconstruction(config, tmp_path):
+    """Each shipped config on CPU, 2 steps, a narrow network (CIFAR-10 from tiny files in its
+    format); the end-of-fit scores are logged and the picture is written."""
+    from test_denoising import write_cifar
+
+    write_cifar(tmp_path / "cifar")
+    small = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.val_check_interval", "2"]
+    small += ["--trainer.enable_progress_bar", "false", "--model.init_args.width", "2"]
+    if "cifar" in config.stem:
+        small += ["--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.local", "[1, 2, 1]"]
+    result = cli("fit", "--config", str(config), *small, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = tmp_path.glob("logs/privacy/version_0/metrics.csv")
+    rows = metrics.read_text().splitlines()
+    header = rows[0].split(",")
+    final = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]][-1]
+    assert math.isfinite(float(final["psnr"])) and 0 < float(final["psnr"]) < 60
+    assert (metrics.parent / "inversion.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=[c.stem for c in SEARCHES])
+def test_every_audit_search_file_is_a_valid_sweep_with_the_report(search):
+    from bilevel_dist.tune.search import load
+
+    parsed = load(search)
+    assert parsed.metric == "val_psnr" and parsed.mode == "max"
+    assert parsed.report == "bilevel_dist.recipes.privacy.report:audit_table"
+    assert "data.first" in parsed.space

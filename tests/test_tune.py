@@ -154,6 +154,29 @@ def test_eight_trial_sweep_best_config_fits_at_least_as_well_as_the_recipe(head,
     assert best <= recipe
 
 
+def test_privacy_audit_sweep_reports_psnr_by_setting_and_the_noise_curve(head, tmp_path):
+    """The privacy recipe's audit file at a tiny budget: 2 images × 2 noise multipliers; its
+    report averages each setting's trials over the images and draws PSNR against the noise."""
+    shipped = yaml.safe_load((ROOT / "recipes" / "privacy" / "audit.yaml").read_text())
+    budget = {"trainer.max_steps": 20, "trainer.val_check_interval": 20, "model.width": 2}
+    space = {"data.first": {"grid": [1, 2]}, "model.noise_multiplier": {"grid": [0.0, 0.01]}}
+    search = _search(tmp_path / "audit.yaml", **{**shipped, "space": space, "fixed": {**shipped["fixed"], **budget}})
+    recipe = ROOT / "recipes" / "privacy" / "fedsgd_photo.yaml"
+    run = _tune(head, "--config", str(recipe), "--search", str(search), "--name", "audit", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sweep = tmp_path / "sweeps" / "audit"
+    rows = _results(sweep)
+    assert len(rows) == 4 and {row["status"] for row in rows} == {"OK"}
+    table = (sweep / "audit.md").read_text().splitlines()
+    assert len(table) == 4  # header, rule, one row per noise multiplier
+    for line in table[2:]:
+        noise, images, spread, _ = (cell.strip() for cell in line.strip("|").split("|"))
+        psnrs = [float(row["val_psnr"]) for row in rows if float(row["model.noise_multiplier"]) == float(noise)]
+        mean = sum(psnrs) / len(psnrs)
+        assert images == "2" and spread.startswith(f"{mean:.2f} ± ")
+    assert (sweep / "psnr_vs_noise.png").stat().st_size > 1000
+
+
 def test_sweep_submitted_through_the_jobs_api_finishes_with_one_wandb_run_per_trial(head, tmp_path):
     search = _search(
         tmp_path / "search.yaml",
@@ -338,6 +361,8 @@ MALFORMED = [
     ({**GOOD, "searcher": {"name": "optuna", "sampler": "tpe"}}, "searcher: You can only pass an instance"),
     ({**GOOD, "space": {"model.algorithm.inner_steps": {"uniform": [3, 10]}}}, "3.0 does not make a run"),
     ({**GOOD, "resources": {"cpu": 1, "gpu": 2}}, "resources.gpu: is 0, 1 or a fraction of one per trial"),
+    ({**GOOD, "report": "summary"}, "report: must be package.module:function"),
+    ({**GOOD, "report": "bilevel_dist.nope:table"}, "report: cannot import 'bilevel_dist.nope:table'"),
 ]
 
 

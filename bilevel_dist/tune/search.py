@@ -46,6 +46,7 @@ KEYS = (
     "keep_checkpoints",
     "wandb",
     "seed",
+    "report",
 )
 
 
@@ -69,6 +70,9 @@ class Search:
     keep_checkpoints: int = 2
     wandb: dict[str, Any] | None = None
     seed: int = 0
+    #: ``package.module:function`` called with the results table and the sweep directory after the
+    #: sweep (a recipe's summary: grouped means, a curve)
+    report: str | None = None
 
     def candidates(self, key: str) -> list[Any]:
         """Values of ``key`` that bound what a trial can be given, as Tune samples them: every
@@ -106,6 +110,7 @@ class Search:
             "keep_checkpoints": self.keep_checkpoints,
             "wandb": self.wandb,
             "seed": self.seed,
+            "report": self.report,
         }
 
 
@@ -167,6 +172,7 @@ def parse(raw: Any) -> Search:
         keep_checkpoints=_int("keep_checkpoints", raw.get("keep_checkpoints", 2)),
         wandb=_wandb(raw.get("wandb")),
         seed=_int("seed", raw.get("seed", 0), allow_zero=True),
+        report=_report_hook(raw.get("report")),
     )
     _check_options(search)
     return search
@@ -294,6 +300,29 @@ def _number(key: str, value: Any) -> float:
     if not is_number(value) or value < 0 or not math.isfinite(value):
         raise ConfigError(key, f"must be a number >= 0, got {value!r}")
     return float(value)
+
+
+def report_function(path: str) -> Any:
+    """The function a ``report: package.module:function`` entry names."""
+    module_name, _, name = path.partition(":")
+    import importlib
+
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError("report", f"cannot import {path!r}: {one_line(error)}") from None
+    if not callable(function):
+        raise ConfigError("report", f"{path!r} is not a function")
+    return function
+
+
+def _report_hook(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or raw.count(":") != 1:
+        raise ConfigError("report", f"must be package.module:function, got {raw!r}")
+    report_function(raw)
+    return raw
 
 
 def _bool(key: str, value: Any) -> bool:

@@ -22,7 +22,7 @@ import yaml
 
 from bilevel_dist._checks import ConfigError, is_number, one_line
 from bilevel_dist.lightning_cli import UserError, cli_class
-from bilevel_dist.tune.search import Search, parse, read_yaml
+from bilevel_dist.tune.search import Search, parse, read_yaml, report_function
 from bilevel_dist.tune.trial import get_key, run_trial, trial_config, with_settings
 
 SWEEP_FILE = "bilevel_sweep.yaml"  # the recipe and the search, for --resume
@@ -135,7 +135,7 @@ def run(
         saved = {"recipe": recipe, "search": search.as_dict(), "launch_dir": launch_dir, "metrics": metrics}
         _write(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(saved, sort_keys=False))
     results = tuner.fit()
-    return _report(results, recipe, search, sweep_dir)
+    return _report(results, recipe, search, sweep_dir, metrics)
 
 
 def _tuner(trainable: Any, search: Search, points: list[dict[str, Any]], name: str, storage: str) -> Any:
@@ -202,15 +202,17 @@ def _resources(search: Search) -> dict[str, float]:
     return {"cpu": search.cpu, "gpu": search.gpu} if search.workers == 1 else {"cpu": 0, "memory": 1}
 
 
-def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str) -> int:
-    """Prints the results table, writes it as CSV and the best config as YAML."""
-    rows = []
+def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str, metrics: list[str]) -> int:
+    """Prints the results table (every validation metric the model logs, ranked by the searched
+    one), writes it as CSV, runs the search's ``report`` on it and writes the best config as YAML."""
+    rows, logged = [], metrics
     for result in results:
         metrics = result.metrics or {}
         row = {"trial": metrics.get("trial_id", "?"), "status": "ERROR" if result.error else "OK"}
         row.update({key: (result.config or {}).get(key) for key in search.space})
         row.update(step=metrics.get("step"), validations=metrics.get("training_iteration"))
         row[search.metric] = metrics.get(search.metric)
+        row.update({key: metrics.get(key) for key in logged if key != search.metric})
         rows.append((result, row))
     sign = 1 if search.mode == "min" else -1
     ranked = [item for item in rows if _usable(item[1], search.metric)]
@@ -222,6 +224,8 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
     print(f"\n{len(ranked)} of {len(rows)} trials finished; {search.metric} ({search.mode}), last validation:")
     print(table.to_string(index=False))
     _write(f"{sweep_dir}/{RESULTS_FILE}", table.to_csv(index=False))
+    if search.report:
+        report_function(search.report)(table, sweep_dir)
     if not ranked:
         print(f"bilevel-dist: no trial finished with a finite {search.metric}; see the trials under {sweep_dir}")
         return 1

@@ -101,6 +101,7 @@ class AuditData(L.LightningDataModule):
         schedule_seed: the seed of the client's minibatch order.
         restarts: independent reconstructions, the min-cost one kept.
         size: the side of the built-in images.
+        local: ``(E, n, B)`` at once, over ``epochs``, ``images`` and ``local_batch`` (for sweeps).
     """
 
     def __init__(
@@ -114,8 +115,13 @@ class AuditData(L.LightningDataModule):
         schedule_seed: int = 0,
         restarts: int = 1,
         size: int = 32,
+        local: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
+        if local is not None:  # (E, n, B) as one setting: a sweep varies them together (Table 5.2)
+            if len(local) != 3:
+                raise ConfigError("local", f"local is (E, n, B), got {local!r}")
+            epochs, images, local_batch = (int(v) for v in local)
         if dataset not in DATASETS:
             raise ConfigError("dataset", f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
         self.dataset, self.root = dataset, root

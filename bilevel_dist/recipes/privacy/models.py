@@ -7,7 +7,9 @@
   2, 1, then a linear layer; weights uniform in [−0.5, 0.5]);
 - ``resnet18``: the CIFAR ResNet-18 (3×3 stem, four stages of two basic blocks, base width
   ``width``), for a GPU;
-- ``mlp``: a biased linear first layer (its input is recovered exactly, thesis Prop. 5.1).
+- ``linear``, ``mlp``, ``cnn``: the federated recipe's networks (so that a global model it
+  trained can be audited); the first two start with a biased linear layer, whose input is
+  recovered exactly (thesis Prop. 5.1).
 
 The attack evaluates the networks in eval mode, as the thesis's code does: batch norm uses its
 running statistics, so a replayed local step is a function of the parameters alone.
@@ -19,8 +21,9 @@ import torch
 from torch import nn
 
 from bilevel_dist._checks import ConfigError
+from bilevel_dist.recipes.federated.module import build_model as federated_model
 
-NAMES = ("convnet", "lenet", "resnet18", "mlp")
+NAMES = ("convnet", "lenet", "resnet18", "linear", "mlp", "cnn")
 
 
 def _conv(cin: int, cout: int) -> list[nn.Module]:
@@ -78,19 +81,23 @@ def resnet18(channels: int, classes: int, width: int) -> nn.Sequential:
 
 def build(name: str, input_shape: tuple[int, ...], classes: int, width: int = 16, seed: int = 0) -> nn.Module:
     """Network ``name`` for ``(channels, height, width)`` inputs, initialised from ``seed``, in
-    eval mode."""
+    eval mode (``width``: the federated networks' hidden units)."""
     if name not in NAMES:
         raise ConfigError("model", f"unknown model {name!r}; choose one of {list(NAMES)}")
     channels, side = input_shape[0], input_shape[-1]
+    ambient = torch.get_default_dtype()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if name == "convnet":
-            net: nn.Module = convnet(channels, side, classes, width)
-        elif name == "lenet":
-            net = lenet(channels, side, classes)
-        elif name == "resnet18":
-            net = resnet18(channels, classes, width)
-        else:
-            features = channels * input_shape[1] * side
-            net = nn.Sequential(nn.Flatten(), nn.Linear(features, 4 * width), nn.ReLU(), nn.Linear(4 * width, classes))
+        torch.set_default_dtype(torch.float32)  # the same draws whatever the ambient dtype
+        try:
+            if name == "convnet":
+                net: nn.Module = convnet(channels, side, classes, width)
+            elif name == "lenet":
+                net = lenet(channels, side, classes)
+            elif name == "resnet18":
+                net = resnet18(channels, classes, width)
+            else:
+                net = federated_model(name, tuple(input_shape), classes, hidden=width)
+        finally:
+            torch.set_default_dtype(ambient)
     return net.eval()

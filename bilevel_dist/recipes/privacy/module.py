@@ -43,8 +43,9 @@ class GradientInversion(BilevelModule):
     """Reconstructs a client's images from its update.
 
     Args:
-        model: the attacked network (:mod:`.models`): ``convnet``, ``lenet``, ``resnet18``, ``mlp``.
-        width: the ConvNet's D (the ResNet's base width, the MLP's hidden quarter).
+        model: the attacked network (:mod:`.models`): ``convnet``, ``lenet``, ``resnet18``, or the
+            federated recipe's ``linear``, ``mlp``, ``cnn``.
+        width: the ConvNet's D (the ResNet's base width, the MLP's hidden units).
         model_seed: the seed of the global model (an untrained network, as in Table 5.2).
         local_lr: the client's local step size τ (the thesis's code: 1e-4).
         tv: the weight of the total variation.
@@ -57,12 +58,15 @@ class GradientInversion(BilevelModule):
         clip, noise_multiplier, dp_seed: the client's DP-FedAvg (federated recipe) settings.
         update_file: a ``torch.save``-d ``{"update": {name: tensor}}`` (optionally ``"model"``,
             the global parameters) to attack instead of the simulated one.
+        global_model: a checkpoint whose ``bilevel.outer`` is the attacked global model: e.g. the
+            federated recipe's (``model: cnn``, ``mlp`` or ``linear`` are its networks), so that
+            what a user trained is what is audited. Default: the untrained ``model_seed`` network.
         save_update: where to write the simulated update (and the global model) as such a file.
         init_seed: the seed of the restarts' N(0, 1) starting images.
         algorithm: settings of the attack's algorithm (:class:`~.algorithm.Inversion`) over these.
     """
 
-    validation_metrics = ("val_psnr", "val_cost")
+    validation_metrics = ("val_psnr", "val_ssim", "val_cost")
 
     def __init__(
         self,
@@ -79,6 +83,7 @@ class GradientInversion(BilevelModule):
         noise_multiplier: float = 0.0,
         dp_seed: int = 0,
         update_file: str | None = None,
+        global_model: str | None = None,
         save_update: str | None = None,
         init_seed: int = 0,
         algorithm: dict[str, Any] | None = None,
@@ -90,8 +95,9 @@ class GradientInversion(BilevelModule):
             raise ConfigError("labels", f"labels must be one of {list(LABELS)}, got {labels!r}")
         if noise_multiplier and clip is None:
             raise ConfigError("clip", "DP-FedAvg (noise_multiplier > 0) needs a clip: the noise is scaled to it")
-        if update_file is not None and not Path(update_file).expanduser().is_file():
-            raise ConfigError("update_file", f"update file {update_file!r} does not exist")
+        for key, path in (("update_file", update_file), ("global_model", global_model)):
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ConfigError(key, f"{key} {path!r} does not exist")
         spec = {"name": "inversion", "inner_lr": local_lr, "outer_lr": attack_lr, "signed": signed}
         if not unrolled:
             spec["inner_steps"] = 1
@@ -103,7 +109,8 @@ class GradientInversion(BilevelModule):
         self.tv = setting("tv", lambda k, v: positive_float(k, v, allow_zero=True), tv)
         self.unrolled, self.labels = unrolled, labels
         self.clip, self.noise_multiplier, self.dp_seed = clip, noise_multiplier, dp_seed
-        self.update_file, self.save_update, self.init_seed = update_file, save_update, init_seed
+        self.update_file, self.global_model = update_file, global_model
+        self.save_update, self.init_seed = save_update, init_seed
         self._net: nn.Module | None = None
         self._attacked: dict[str, Tree] | None = None
         self.results: dict[str, Any] = {}
@@ -135,29 +142,48 @@ class GradientInversion(BilevelModule):
         self.data.setup(stage)
         if self.update_file is not None:  # a mismatched file is a config error before any step
             self._read_update(torch.float32)
+        elif self.global_model is not None:
+            self._global_model()
 
     def _read_update(self, dtype: torch.dtype) -> dict[str, Tree]:
         saved = torch.load(Path(self.update_file).expanduser(), weights_only=True)
         if not isinstance(saved, dict) or not isinstance(saved.get("update"), dict):
             raise ConfigError("update_file", f"{self.update_file} holds no {{'update': {{name: tensor}}}}")
+        update = self._matching(saved["update"], "update_file", f"the update in {self.update_file}")
+        if saved.get("model") is not None:
+            model = self._matching(saved["model"], "update_file", f"the model in {self.update_file}")
+        else:
+            model = self._global_model()
+        return {"model": _cast(model, dtype), "update": _cast(update, dtype)}
+
+    def _global_model(self) -> Tree:
+        """The attacked global parameters: a checkpoint's (``global_model``) or the network's own."""
+        if self.global_model is None:
+            return {k: v.detach() for k, v in self.net.named_parameters()}
+        saved = torch.load(Path(self.global_model).expanduser(), weights_only=True)
+        if not isinstance(saved, dict) or "bilevel" not in saved or "state_dict" not in saved:
+            raise ConfigError("global_model", f"{self.global_model} is not a bilevel-dist checkpoint")
+        # a BilevelModule keeps replicated outer variables as parameters ("outer_vars.<name, | for .>")
+        # and per-sample ones, gathered, under "bilevel"
+        prefix = "outer_vars."
+        outer = {k[len(prefix) :].replace("|", "."): v for k, v in saved["state_dict"].items() if k.startswith(prefix)}
+        outer |= saved["bilevel"]["outer"]
+        return self._matching(outer, "global_model", f"the global model in {self.global_model}")
+
+    def _matching(self, given: Any, key: str, what: str) -> Tree:
+        """``given`` checked against the network's parameter names and shapes."""
         params = dict(self.net.named_parameters())
-        for part in ("update", "model"):
-            given = saved.get(part)
-            if given is None:
-                continue
-            if set(given) != set(params):
-                lacking, extra = sorted(set(params) - set(given)), sorted(set(given) - set(params))
-                what = f"lacks the model's {lacking[0]!r}" if lacking else f"has {extra[0]!r}, which the model lacks"
-                raise ConfigError("update_file", f"the {part} in {self.update_file} {what} ({self.model_name})")
-            for k, v in given.items():
-                if tuple(v.shape) != tuple(params[k].shape):
-                    raise ConfigError(
-                        "update_file",
-                        f"{part} {k!r} of {self.update_file} has shape {tuple(v.shape)}, the model's "
-                        f"{self.model_name} has {tuple(params[k].shape)}",
-                    )
-        model = saved.get("model") or {k: v.detach() for k, v in params.items()}
-        return {"model": _cast(model, dtype), "update": _cast(saved["update"], dtype)}
+        if not isinstance(given, dict) or set(given) != set(params):
+            given = given if isinstance(given, dict) else {}
+            lacking, extra = sorted(set(params) - set(given)), sorted(set(given) - set(params))
+            problem = f"lacks the model's {lacking[0]!r}" if lacking else f"has {extra[0]!r}, which the model lacks"
+            raise ConfigError(key, f"{what} {problem} ({self.model_name})")
+        for k, v in given.items():
+            if tuple(v.shape) != tuple(params[k].shape):
+                raise ConfigError(
+                    key, f"{what}: {k!r} has shape {tuple(v.shape)}, the {self.model_name}'s {tuple(params[k].shape)}"
+                )
+        return given
 
     def attacked(self, like: Tensor) -> dict[str, Tree]:
         """The global model and the observed update, in ``like``'s dtype and device (made once)."""
@@ -167,7 +193,7 @@ class GradientInversion(BilevelModule):
                 found = self._read_update(like.dtype)
             else:
                 data = self.data
-                model = {k: v.detach().to(like.dtype) for k, v in self.net.named_parameters()}
+                model = _cast(self._global_model(), like.dtype)
                 x = data.normalise(data.truth.to(like.dtype))
                 update = attack.client_update(
                     self.net, model, x, data.labels, data.schedule, self.local_lr,
@@ -229,6 +255,24 @@ class GradientInversion(BilevelModule):
             guess = self.label_guess()
             rank_zero_info(f"iDLG: label {guess} read from the update (truth {int(data.labels[0])})")
             data.labels = torch.tensor([guess])
+        recovered = self.analytic_recovery()
+        if recovered is not None:  # the cheap first check: no optimisation needed
+            psnr, _ = attack.image_scores(recovered.double(), self.data.truth.double())
+            self.results["analytic_psnr"] = float(psnr[0])
+            rank_zero_info(f"analytic recovery of the linear first layer's input: PSNR {float(psnr[0]):.2f} dB")
+
+    def analytic_recovery(self) -> Tensor | None:
+        """The single image read off the update of a biased linear first layer (thesis Prop. 5.1),
+        in pixels; ``None`` when the network does not start with one or the client has several
+        images (the layer then holds their mixture)."""
+        first = next((m for m in self.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+        if not isinstance(first, nn.Linear) or first.bias is None or self.data.n != 1:
+            return None
+        update = self.attacked(next(self.parameters()))["update"]
+        names = {id(p): k for k, p in self.net.named_parameters()}
+        weight, bias = update[names[id(first.weight)]], update[names[id(first.bias)]]
+        x = attack.recover_input(weight, bias).view(1, *self.data.input_shape)
+        return self.data.denormalise(x).clamp(0, 1).cpu()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self.unrolled:  # the FedSGD-style attack: one gradient of the whole set
@@ -285,16 +329,21 @@ class GradientInversion(BilevelModule):
     def on_train_end(self) -> None:
         """Scores the final reconstruction, draws it over the truth and prints the table."""
         scored = self.score()
-        self.results = scored
+        self.results = {**self.results, **scored}
         logged = {
             "psnr": float(scored["psnr"].mean()), "ssim": float(scored["ssim"].mean()),
             "init_psnr": float(scored["init_psnr"].mean()), "cost": scored["cost"],
         }  # fmt: skip
+        if "analytic_psnr" in self.results:
+            logged["analytic_psnr"] = self.results["analytic_psnr"]
         for logger in self.loggers:
             logger.log_metrics(logged, step=self.global_step)
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a broadcast: every rank
         if not self.trainer.is_global_zero:
             return
+        out.mkdir(parents=True, exist_ok=True)
+        saved = {"truth": self.data.truth, "reconstruction": scored["images"], "psnr": scored["psnr"]}
+        torch.save({**saved, "ssim": scored["ssim"]}, out / "reconstruction.pt")
         path = grid(self.data.truth, scored["images"], scored["psnr"], out / "inversion.png")
         log_image(self.loggers, "inversion", path)
         lines = [f"gradient inversion ({self.model_name}, {self.data.n} images, {self.trainer.max_steps} steps)"]
