@@ -38,7 +38,8 @@ def fit(config: str, *overrides: str) -> dict:
         final = next(row for row in reversed(last) if row.get("psnr"))
         (picture,) = Path(scratch).glob("logs/**/reconstruction.pt")
         saved = torch.load(picture, weights_only=True)
-    return {"psnr": float(final["psnr"]), "ssim": float(final["ssim"]), "init_psnr": float(final["init_psnr"]), **saved}
+    scores = {"psnr": float(final["psnr"]), "ssim": float(final["ssim"]), "init_psnr": float(final["init_psnr"])}
+    return {"truth": saved["truth"], "reconstruction": saved["reconstruction"], **scores}
 
 
 def main() -> None:
