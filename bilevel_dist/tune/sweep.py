@@ -133,7 +133,7 @@ def run(
     else:
         tuner = _tuner(trainable, search, points, name, storage)
         saved = {"recipe": recipe, "search": search.as_dict(), "launch_dir": launch_dir, "metrics": metrics}
-        _write(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(saved, sort_keys=False))
+        store(f"{sweep_dir}/{SWEEP_FILE}", yaml.safe_dump(saved, sort_keys=False))
     results = tuner.fit()
     return _report(results, recipe, search, sweep_dir, metrics)
 
@@ -202,9 +202,10 @@ def _resources(search: Search) -> dict[str, float]:
     return {"cpu": search.cpu, "gpu": search.gpu} if search.workers == 1 else {"cpu": 0, "memory": 1}
 
 
-def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str, metrics: list[str]) -> int:
-    """Prints the results table (every validation metric the model logs, ranked by the searched
-    one), writes it as CSV, runs the search's ``report`` on it and writes the best config as YAML."""
+def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str, metrics: Any = ()) -> int:
+    """Prints the results table (every validation metric the model logs in ``metrics``, ranked by
+    the searched one), writes it as CSV and the best config as YAML, then runs the search's
+    ``report`` on the table."""
     rows, logged = [], metrics
     for result in results:
         metrics = result.metrics or {}
@@ -223,10 +224,9 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
     table = pandas.DataFrame([row for _, row in rows])
     print(f"\n{len(ranked)} of {len(rows)} trials finished; {search.metric} ({search.mode}), last validation:")
     print(table.to_string(index=False))
-    _write(f"{sweep_dir}/{RESULTS_FILE}", table.to_csv(index=False))
-    if search.report:
-        report_function(search.report)(table, sweep_dir)
+    store(f"{sweep_dir}/{RESULTS_FILE}", table.to_csv(index=False))
     if not ranked:
+        _summarise(search, table, sweep_dir)
         print(f"bilevel-dist: no trial finished with a finite {search.metric}; see the trials under {sweep_dir}")
         return 1
     # the best of the trials that ran the whole budget: one the scheduler stopped early is not the
@@ -235,7 +235,7 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
     result, row = next(item for item in ranked if (item[1]["step"] or 0) == longest)
     best = with_settings(recipe, {**search.fixed, **{key: result.config[key] for key in search.space}})
     path = f"{sweep_dir}/{BEST_FILE}"
-    _write(
+    store(
         path,
         f"# best trial {row['trial']} of sweep {sweep_dir}: {search.metric} = {row[search.metric]}\n"
         + yaml.safe_dump(best, sort_keys=False),
@@ -246,7 +246,18 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
     checkpoint = result.checkpoint.path if result.checkpoint is not None else result.metrics.get("checkpoint_path")
     if checkpoint:
         print(f"best checkpoint: {checkpoint}")
+    _summarise(search, table, sweep_dir)
     return 0
+
+
+def _summarise(search: Search, table: Any, sweep_dir: str) -> None:
+    """The search's ``report`` on the results table, last: a failing one costs only its summary."""
+    if not search.report:
+        return
+    try:
+        report_function(search.report)(table, sweep_dir)
+    except Exception as error:  # noqa: BLE001 - a user's summary must not lose the sweep's results
+        print(f"bilevel-dist: the report {search.report} failed: {one_line(error)}")
 
 
 def _usable(row: dict[str, Any], metric: str) -> bool:
@@ -280,11 +291,12 @@ def _filesystem(path: str) -> tuple[Any, str]:
     return fs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
 
 
-def _write(path: str, text: str) -> None:
+def store(path: str, data: str | bytes) -> None:
+    """Writes ``data`` at ``path`` on the sweep's storage (a local directory or a remote URI)."""
     filesystem, inner = _filesystem(path)
     filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(inner) as stream:
-        stream.write(text.encode())
+        stream.write(data.encode() if isinstance(data, str) else data)
 
 
 def _exists(path: str) -> bool:

@@ -2,7 +2,7 @@
 photographs (``fedsgd_photo.yaml``, one run per image), and the FedAvg attack replaying the
 local steps against the FedSGD-style attack that ignores them (``fedavg_photo.yaml``).
 
-    python recipes/privacy/results.py            # about 6 minutes on 2 cores; writes results.md, results.json
+    python recipes/privacy/results.py            # about 7 minutes on 2 cores; writes results.md, results.json
                                                  # and inversion_photos.png next to this file
 
 Each row's command is in the table. The audit sweep (``audit.yaml``) is run by

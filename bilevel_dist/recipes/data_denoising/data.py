@@ -143,21 +143,26 @@ def read_cifar10(root: str | Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """CIFAR-10's python batches in ``root`` (``cifar-10-batches-py``): ``(x, y, x_test, y_test)``,
     images ``(n, 3, 32, 32)`` in [0, 1]."""
     path = _directory(str(root), CIFAR10Data.FILES, "CIFAR-10")
-
-    def read(name: str) -> tuple[Tensor, Tensor]:
-        with open(path / name, "rb") as f:
-            try:
-                batch = pickle.load(f, encoding="bytes")
-            except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-                raise ConfigError("root", f"{path / name} is not a CIFAR-10 python pickle: {error}") from None
-        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-            raise ConfigError("root", f"{path / name} has no b'data' / b'labels' entries")
-        x = torch.as_tensor(np.asarray(batch[b"data"], dtype=np.uint8)).reshape(-1, 3, 32, 32).float() / 255.0
-        return x, torch.as_tensor(batch[b"labels"], dtype=torch.int64)
-
-    parts = [read(name) for name in CIFAR10Data.FILES[:5]]
-    x_test, y_test = read("test_batch")
+    parts = [_cifar_batch(path, name) for name in CIFAR10Data.FILES[:5]]
+    x_test, y_test = _cifar_batch(path, "test_batch")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), x_test, y_test
+
+
+def read_cifar10_test(root: str | Path) -> tuple[Tensor, Tensor]:
+    """CIFAR-10's test batch alone (``test_batch`` in ``root``): ``(x_test, y_test)``."""
+    return _cifar_batch(_directory(str(root), ["test_batch"], "CIFAR-10"), "test_batch")
+
+
+def _cifar_batch(path: Path, name: str) -> tuple[Tensor, Tensor]:
+    with open(path / name, "rb") as f:
+        try:
+            batch = pickle.load(f, encoding="bytes")
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise ConfigError("root", f"{path / name} is not a CIFAR-10 python pickle: {error}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ConfigError("root", f"{path / name} has no b'data' / b'labels' entries")
+    x = torch.as_tensor(np.asarray(batch[b"data"], dtype=np.uint8)).reshape(-1, 3, 32, 32).float() / 255.0
+    return x, torch.as_tensor(batch[b"labels"], dtype=torch.int64)
 
 
 class MNISTData(NoisyLabels):

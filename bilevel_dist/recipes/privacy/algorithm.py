@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.algorithms.base import State, adam, descend, fraction, lr
+from bilevel_dist.algorithms.base import State, adam, descend, lr
 from bilevel_dist.algorithms.double_loop import ITD
 from bilevel_dist.hypergrad.base import Solution
 from bilevel_dist.metrics import Metrics
@@ -22,6 +22,12 @@ def _fractions(name: str, value: Any) -> tuple[float, ...]:
     if any(not 0 < v < 1 for v in values) or list(values) != sorted(values):
         raise ConfigError(name, f"{name} must be increasing fractions of the run in (0, 1), got {list(values)}")
     return values
+
+
+def _decay(name: str, value: Any) -> float:
+    if not 0 < float(value) <= 1:
+        raise ConfigError(name, f"{name} is a decay factor in (0, 1], got {value!r}")
+    return float(value)
 
 
 def _box(name: str, value: Any) -> tuple[float, ...]:
@@ -44,7 +50,7 @@ class Inversion(ITD):
         "outer_optimizer": ("adam", lambda name, v: v),
         "signed": (True, lambda name, v: bool(v)),
         "milestones": ((3 / 8, 5 / 8, 7 / 8), _fractions),
-        "gamma": (0.1, fraction),
+        "gamma": (0.1, _decay),
         "total_steps": (None, lambda name, v: int(v)),
         "box_low": ((), _box),
         "box_high": ((), _box),
@@ -73,7 +79,8 @@ class Inversion(ITD):
         step = self.step_size(t)
         outer = {k: self.project(v) for k, v in descend(state["outer"], moved, step).items()}
         state = {**state, "outer": outer, "inner": solution.inner, "t": t + 1}
-        return state, Metrics(hypergrad_norm=self.norm(d), direction=d, outer_lr=step) | metrics
+        shown = solution.info.select("inner_grad_norm")
+        return state, Metrics(hypergrad_norm=self.norm(d), direction=d, outer_lr=step) | shown | metrics
 
     def project(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(..., C, H, W)`` clamped to the box of each channel."""
@@ -84,6 +91,3 @@ class Inversion(ITD):
         low_t = torch.tensor(low, dtype=images.dtype, device=images.device).view(shape)
         high_t = torch.tensor(high, dtype=images.dtype, device=images.device).view(shape)
         return torch.maximum(torch.minimum(images, high_t), low_t)
-
-    def cost(self, t: int) -> dict[str, int]:
-        return {"inner_grad": self.h["inner_steps"], "outer_grad": 1}

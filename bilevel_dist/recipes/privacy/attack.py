@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from bilevel_dist import tree
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.algorithms.federated import FedAvg
 from bilevel_dist.distributed import Comm
@@ -32,6 +33,8 @@ def local_schedule(n: int, batch_size: int, epochs: int, seed: int = 0) -> Tenso
     """``(E·n/B, B)`` image slots of the client's local steps: each epoch a permutation of its
     ``n`` images (drawn from ``seed`` and the epoch) cut into minibatches of ``B``; ``B = 0``
     is the full set (FedSGD with ``E = 1``)."""
+    if batch_size < 0:
+        raise ConfigError("local_batch", f"the local batch size B must be ≥ 0 (0: the full set), got {batch_size}")
     batch_size = batch_size or n
     if batch_size > n:
         raise ConfigError("local_batch", f"the local batch size B={batch_size} is larger than the n={n} images")
@@ -75,34 +78,33 @@ def client_update(
     one client, on this process alone)."""
     n = x.shape[0]
     steps, size = schedule.shape
-    weight = torch.zeros(steps, 1, n, dtype=x.dtype)
-    weight[torch.arange(steps)[:, None], 0, schedule] = 1.0 / size  # step s's minibatch mean
+    device = x.device
+    weight = torch.zeros(steps, 1, n, dtype=x.dtype, device=device)
+    rows = torch.arange(steps, device=device)[:, None]
+    weight[rows, 0, schedule.to(device)] = 1.0 / size  # step s's minibatch mean
     batch = {
         "x": x[None],
-        "y": y[None],
+        "y": y[None].to(device),
         "weight": weight,
-        "size": torch.tensor([n]),
-        "dropped": torch.zeros(1, dtype=torch.bool),
-        "index": torch.tensor([0]),
-        "sampled": torch.tensor([1]),
+        "size": torch.tensor([n], device=device),
+        "dropped": torch.zeros(1, dtype=torch.bool, device=device),
+        "index": torch.tensor([0], device=device),
+        "sampled": torch.tensor([1], device=device),
     }
     problem = BilevelProblem(client_loss(net), lambda *_: torch.zeros(()), batched=True)
     settings = {"local_lr": local_lr, "clip": clip, "noise_multiplier": noise_multiplier, "seed": seed}
     server = FedAvg(problem, comm=Comm(local=True), **settings)
     with torch.enable_grad():
-        direction, _ = server.aggregate({k: v.detach() for k, v in model.items()}, batch, 0)
+        direction, info = server.aggregate({k: v.detach() for k, v in model.items()}, batch, 0)
+    if info["clients_used"] < 1:  # FedAvg leaves out a client whose training failed or diverged
+        raise ConfigError("local_lr", "the client's local training failed or diverged: no update to audit")
     return {k: -d for k, d in direction.items()}  # the aggregate is w − θ_client
-
-
-def flatten(tree: Tree, rows: bool = False) -> Tensor:
-    """The leaves concatenated (``rows``: keeping a leading axis)."""
-    return torch.cat([v.flatten(1) if rows else v.flatten() for v in tree.values()], dim=-1)
 
 
 def cosine_cost(update: Tree, observed: Tree, rows: bool = False) -> Tensor:
     """``1 − ⟨u, U⟩ / (‖u‖ ‖U‖)`` over all parameter tensors at once (per row with ``rows``)."""
-    u = flatten(update, rows)
-    target = flatten({k: observed[k] for k in update}).to(u)
+    u = tree.flatten(update, batched=rows)
+    target = tree.flatten({k: observed[k] for k in update}).to(u)
     dot = (u * target).sum(-1)
     return 1 - dot / (u.norm(dim=-1) * target.norm()).clamp_min(1e-30)
 
@@ -132,6 +134,7 @@ def image_scores(reconstruction: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]
     """Per image PSNR (dB) and SSIM of ``(n, C, H, W)`` images in [0, 1]."""
     rec, ref = reconstruction.clamp(0, 1).double(), truth.clamp(0, 1).double()
     psnr = peak_signal_noise_ratio(rec, ref, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    size = min(7, ref.shape[-1] - (ref.shape[-1] + 1) % 2)  # an odd window no larger than the image
-    ssim = structural_similarity_index_measure(rec, ref, data_range=1.0, reduction="none", kernel_size=size)
+    ssim = structural_similarity_index_measure(
+        rec, ref, data_range=1.0, reduction="none"
+    )  # torchmetrics' 11×11 Gaussian
     return psnr.float(), ssim.float()

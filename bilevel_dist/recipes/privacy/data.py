@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 from bilevel_dist._checks import ConfigError, positive_int, setting
 from bilevel_dist.distributed import Comm
 from bilevel_dist.lightning.data import StepSampler
-from bilevel_dist.recipes.data_denoising.data import read_cifar10
+from bilevel_dist.recipes.data_denoising.data import read_cifar10_test
 from bilevel_dist.recipes.privacy.attack import local_schedule
 
 DATASETS = ("photos", "digits", "cifar10")
+NORMALISATIONS = ("dataset", "none")
 PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
     "hubble_deep_field", "colorwheel", "camera", "coins", "moon",
@@ -72,6 +73,10 @@ def digits(size: int = 32) -> tuple[Tensor, Tensor]:
     )
 
 
+def _count(key: str, value: Any) -> int:
+    return positive_int(key, value, allow_zero=True)
+
+
 def distinct_labels(labels: Tensor, first: int, n: int) -> Tensor:
     """Indices of ``n`` images from ``first`` on whose labels are distinct (a repeated label is
     skipped, as in the thesis protocol)."""
@@ -102,6 +107,10 @@ class AuditData(L.LightningDataModule):
         restarts: independent reconstructions, the min-cost one kept.
         size: the side of the built-in images.
         local: ``(E, n, B)`` at once, over ``epochs``, ``images`` and ``local_batch`` (for sweeps).
+        experiment: the ``k``-th of disjoint client batches from ``first`` on (each starts after
+            the previous one's last image), so that experiments use different images.
+        normalisation: ``dataset`` (the thesis's: CIFAR-10's statistics for colour, 0.5/0.5 for
+            digits) or ``none`` (raw [0, 1] pixels, as the federated recipe trains).
     """
 
     def __init__(
@@ -116,17 +125,22 @@ class AuditData(L.LightningDataModule):
         restarts: int = 1,
         size: int = 32,
         local: tuple[int, int, int] | None = None,
+        experiment: int | None = None,
+        normalisation: str = "dataset",
     ) -> None:
         super().__init__()
         if local is not None:  # (E, n, B) as one setting: a sweep varies them together (Table 5.2)
-            if len(local) != 3:
-                raise ConfigError("local", f"local is (E, n, B), got {local!r}")
+            if not isinstance(local, (list, tuple)) or len(local) != 3:
+                raise ConfigError("local", f"local is [E, n, B], got {local!r}")
             epochs, images, local_batch = (int(v) for v in local)
+        if normalisation not in NORMALISATIONS:
+            raise ConfigError("normalisation", f"normalisation must be one of {list(NORMALISATIONS)}")
         if dataset not in DATASETS:
             raise ConfigError("dataset", f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
-        self.dataset, self.root = dataset, root
+        self.dataset, self.root, self.normalisation_name = dataset, root, normalisation
+        self.experiment = None if experiment is None else setting("experiment", _count, experiment)
         self.n = setting("images", positive_int, images)
-        self.first = setting("first", lambda k, v: positive_int(k, v, allow_zero=True), first)
+        self.first = setting("first", _count, first)
         self.restarts = setting("restarts", positive_int, restarts)
         self.size = setting("size", positive_int, size)
         self.epochs, self.local_batch, self.schedule_seed = epochs, local_batch, schedule_seed
@@ -134,6 +148,7 @@ class AuditData(L.LightningDataModule):
         if dataset == "cifar10" and (root is None or not Path(root).expanduser().is_dir()):
             raise ConfigError("root", f"dataset 'cifar10' needs root, a cifar-10-batches-py directory; got {root!r}")
         self.truth: Tensor | None = None
+        self.true_labels: Tensor | None = None
         self.labels: Tensor | None = None
         self.per_sample: bool | None = None  # set by the model (BilevelModule.configure_model)
         self.lower_level: str | None = None
@@ -141,8 +156,12 @@ class AuditData(L.LightningDataModule):
     # -- what the model takes from the data --------------------------------------------------
     @property
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel (mean, std) of the attack's normalised space."""
-        return _GREY if self.dataset == "digits" else _CIFAR
+        """Per-channel (mean, std) of the attack's normalised space (``none``: raw pixels, as the
+        federated recipe trains)."""
+        stats = _GREY if self.dataset == "digits" else _CIFAR
+        if self.normalisation_name == "none":
+            return tuple(0.0 for _ in stats[0]), tuple(1.0 for _ in stats[0])
+        return stats
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -172,9 +191,12 @@ class AuditData(L.LightningDataModule):
         elif self.dataset == "digits":
             x, y = digits(self.size)
         else:  # CIFAR-10's test images
-            x, y = read_cifar10(Path(self.root).expanduser())[2:]
+            x, y = read_cifar10_test(Path(self.root).expanduser())
         chosen = distinct_labels(y, self.first, self.n)
-        self.truth, self.labels = x[chosen].contiguous(), y[chosen].contiguous()
+        for _ in range(self.experiment or 0):  # experiment k: the batch after experiment k − 1's
+            chosen = distinct_labels(y, int(chosen.max()) + 1, self.n)
+        self.truth, self.true_labels = x[chosen].contiguous(), y[chosen].contiguous()
+        self.labels = self.true_labels.clone()  # what the attacker uses (iDLG may replace it)
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         mean, std = (torch.tensor(v, dtype=like.dtype, device=like.device).view(-1, 1, 1) for v in self.normalisation)

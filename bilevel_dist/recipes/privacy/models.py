@@ -86,7 +86,7 @@ def build(name: str, input_shape: tuple[int, ...], classes: int, width: int = 16
         raise ConfigError("model", f"unknown model {name!r}; choose one of {list(NAMES)}")
     channels, side = input_shape[0], input_shape[-1]
     ambient = torch.get_default_dtype()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # CPU draws only: no CUDA context on every GPU
         torch.manual_seed(seed)
         torch.set_default_dtype(torch.float32)  # the same draws whatever the ambient dtype
         try:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from bilevel_dist import tree
-from bilevel_dist._checks import ConfigError, positive_float, setting
+from bilevel_dist._checks import ConfigError, one_line, positive_float, positive_int, setting
 from bilevel_dist.lightning import BilevelModule
 from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.recipes.privacy import attack, models
@@ -37,6 +37,8 @@ from bilevel_dist.solvers import GD, PerStep, run
 from bilevel_dist.tree import Tree
 
 LABELS = ("known", "idlg")
+#: the attack settings a config may change in ``algorithm`` (the rest follow from the client)
+TUNABLE = {"outer_lr", "signed", "milestones", "gamma", "backprop_steps"}
 
 
 class GradientInversion(BilevelModule):
@@ -58,12 +60,14 @@ class GradientInversion(BilevelModule):
         clip, noise_multiplier, dp_seed: the client's DP-FedAvg (federated recipe) settings.
         update_file: a ``torch.save``-d ``{"update": {name: tensor}}`` (optionally ``"model"``,
             the global parameters) to attack instead of the simulated one.
-        global_model: a checkpoint whose ``bilevel.outer`` is the attacked global model: e.g. the
-            federated recipe's (``model: cnn``, ``mlp`` or ``linear`` are its networks), so that
-            what a user trained is what is audited. Default: the untrained ``model_seed`` network.
+        global_model: a ``BilevelModule`` checkpoint whose outer variables are the attacked
+            global model: e.g. the federated recipe's (``model: cnn``, ``mlp`` or ``linear`` are
+            its networks; it trains on raw pixels: set ``data.normalisation: none``), so that what
+            a user trained is what is audited. Default: the untrained ``model_seed`` network.
         save_update: where to write the simulated update (and the global model) as such a file.
         init_seed: the seed of the restarts' N(0, 1) starting images.
-        algorithm: settings of the attack's algorithm (:class:`~.algorithm.Inversion`) over these.
+        algorithm: settings of the attack's algorithm (:class:`~.algorithm.Inversion`) over these:
+            ``outer_lr``, ``signed``, ``milestones``, ``gamma``, ``backprop_steps``.
     """
 
     validation_metrics = ("val_psnr", "val_ssim", "val_cost")
@@ -98,13 +102,22 @@ class GradientInversion(BilevelModule):
         for key, path in (("update_file", update_file), ("global_model", global_model)):
             if path is not None and not Path(path).expanduser().is_file():
                 raise ConfigError(key, f"{key} {path!r} does not exist")
+        if save_update is not None and not Path(save_update).expanduser().parent.is_dir():
+            raise ConfigError("save_update", f"the directory of save_update {save_update!r} does not exist")
+        fixed = sorted(set(algorithm or {}) - TUNABLE)
+        if fixed:  # the replay must be the client's: its steps, step size and order come from the audit
+            raise ConfigError(
+                f"algorithm.{fixed[0]}",
+                f"the attack's algorithm takes {sorted(TUNABLE)}; {fixed[0]!r} follows from the audited client",
+            )
         spec = {"name": "inversion", "inner_lr": local_lr, "outer_lr": attack_lr, "signed": signed}
         if not unrolled:
             spec["inner_steps"] = 1
         spec |= algorithm or {}
         super().__init__(spec, per_sample=("images",), lower_level="batched", nonfinite=nonfinite)
         self.save_hyperparameters()
-        self.model_name, self.width, self.model_seed = model, width, model_seed
+        self.model_name, self.model_seed = model, model_seed
+        self.width = setting("width", positive_int, width)
         self.local_lr = setting("local_lr", positive_float, local_lr)
         self.tv = setting("tv", lambda k, v: positive_float(k, v, allow_zero=True), tv)
         self.unrolled, self.labels = unrolled, labels
@@ -112,7 +125,8 @@ class GradientInversion(BilevelModule):
         self.update_file, self.global_model = update_file, global_model
         self.save_update, self.init_seed = save_update, init_seed
         self._net: nn.Module | None = None
-        self._attacked: dict[str, Tree] | None = None
+        self._observed: tuple[torch.dtype, dict[str, Tree]] | None = None
+        self._attacked: tuple[tuple[torch.dtype, torch.device], dict[str, Tree]] | None = None
         self.results: dict[str, Any] = {}
 
     # -- the audited client -------------------------------------------------------------------
@@ -140,13 +154,18 @@ class GradientInversion(BilevelModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self.data.setup(stage)
+        if self.data.restarts < self.trainer.world_size:
+            raise ConfigError(
+                "data.restarts",
+                f"{self.data.restarts} restarts for {self.trainer.world_size} processes: each needs one at least",
+            )
         if self.update_file is not None:  # a mismatched file is a config error before any step
             self._read_update(torch.float32)
         elif self.global_model is not None:
             self._global_model()
 
     def _read_update(self, dtype: torch.dtype) -> dict[str, Tree]:
-        saved = torch.load(Path(self.update_file).expanduser(), weights_only=True)
+        saved = _load(self.update_file, "update_file")
         if not isinstance(saved, dict) or not isinstance(saved.get("update"), dict):
             raise ConfigError("update_file", f"{self.update_file} holds no {{'update': {{name: tensor}}}}")
         update = self._matching(saved["update"], "update_file", f"the update in {self.update_file}")
@@ -160,7 +179,7 @@ class GradientInversion(BilevelModule):
         """The attacked global parameters: a checkpoint's (``global_model``) or the network's own."""
         if self.global_model is None:
             return {k: v.detach() for k, v in self.net.named_parameters()}
-        saved = torch.load(Path(self.global_model).expanduser(), weights_only=True)
+        saved = _load(self.global_model, "global_model")
         if not isinstance(saved, dict) or "bilevel" not in saved or "state_dict" not in saved:
             raise ConfigError("global_model", f"{self.global_model} is not a bilevel-dist checkpoint")
         # a BilevelModule keeps replicated outer variables as parameters ("outer_vars.<name, | for .>")
@@ -179,44 +198,65 @@ class GradientInversion(BilevelModule):
             problem = f"lacks the model's {lacking[0]!r}" if lacking else f"has {extra[0]!r}, which the model lacks"
             raise ConfigError(key, f"{what} {problem} ({self.model_name})")
         for k, v in given.items():
+            if not isinstance(v, Tensor) or not v.is_floating_point():
+                raise ConfigError(key, f"{what}: {k!r} is not a floating-point tensor")
             if tuple(v.shape) != tuple(params[k].shape):
                 raise ConfigError(
                     key, f"{what}: {k!r} has shape {tuple(v.shape)}, the {self.model_name}'s {tuple(params[k].shape)}"
                 )
-        return given
+        return {k: given[k] for k in params}  # the network's order
 
     def attacked(self, like: Tensor) -> dict[str, Tree]:
-        """The global model and the observed update, in ``like``'s dtype and device (made once)."""
-        if self._attacked is None or next(iter(self._attacked["model"].values())).dtype != like.dtype:
-            self.net.to(like.dtype)
-            if self.update_file is not None:
-                found = self._read_update(like.dtype)
-            else:
-                data = self.data
-                model = _cast(self._global_model(), like.dtype)
-                x = data.normalise(data.truth.to(like.dtype))
-                update = attack.client_update(
-                    self.net, model, x, data.labels, data.schedule, self.local_lr,
-                    self.clip, self.noise_multiplier, self.dp_seed,
-                )  # fmt: skip
-                found = {"model": model, "update": update}
-                if self.save_update and self.global_rank == 0:
-                    torch.save(found, Path(self.save_update).expanduser())
-            self._attacked = found
-        self.net.to(like.device)
-        return {part: {k: v.to(like.device) for k, v in t.items()} for part, t in self._attacked.items()}
+        """The global model and the observed update, in ``like``'s dtype and on its device (made
+        once per dtype, copied once per device)."""
+        key = (like.dtype, like.device)
+        if self._attacked is None or self._attacked[0] != key:
+            if self._observed is None or self._observed[0] != like.dtype:
+                self._observed = (like.dtype, self._observe(like.dtype))
+            self.net.to(device=like.device, dtype=like.dtype)
+            found = {part: {k: v.to(like.device) for k, v in t.items()} for part, t in self._observed[1].items()}
+            self._attacked = (key, found)
+        return self._attacked[1]
+
+    def _observe(self, dtype: torch.dtype) -> dict[str, Tree]:
+        """The global model and the update under attack, on the CPU: read, or simulated from the
+        client's true images and labels through the federated recipe's FedAvg."""
+        self.net.to(device="cpu", dtype=dtype)
+        if self.update_file is not None:
+            found = self._read_update(dtype)
+            where = ("update_file", f"the update in {self.update_file}")
+        else:
+            data = self.data
+            model = _cast(self._global_model(), dtype)
+            x = data.normalise(data.truth.to(dtype))
+            update = attack.client_update(
+                self.net, model, x, data.true_labels, data.schedule, self.local_lr,
+                self.clip, self.noise_multiplier, self.dp_seed,
+            )  # fmt: skip
+            found = {"model": model, "update": update}
+            where = ("local_lr", "the simulated client's update")
+            if self.save_update and self.global_rank == 0:
+                torch.save(found, Path(self.save_update).expanduser())
+        flat = tree.flatten(found["update"])
+        if not bool(flat.isfinite().all()) or not bool(flat.ne(0).any()):
+            state = "is not finite" if not bool(flat.isfinite().all()) else "is zero"
+            raise ConfigError(where[0], f"{where[1]} {state}: there is nothing to invert (a diverged client?)")
+        return found
 
     def label_guess(self) -> int:
-        """The single image's label read from the observed update (iDLG)."""
-        update = self.attacked(torch.zeros(()))["update"]
-        last_bias = list(update.values())[-1]
-        return attack.idlg_label(last_bias)
+        """The single image's label read from the observed update's last linear bias (iDLG)."""
+        linear = [name for name, m in self.net.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+        if not linear:
+            raise ConfigError("labels", f"iDLG reads a linear last layer's bias; {self.model_name} has none")
+        update = self.attacked(torch.zeros((), dtype=torch.get_default_dtype()))["update"]
+        return attack.idlg_label(update[f"{linear[-1]}.bias"])
 
     # -- the bilevel problem -----------------------------------------------------------------
     def configure_variables(self) -> tuple[Tree, Tree]:
         data = self.data
         shape = (data.restarts, data.n, *data.input_shape)
-        start = torch.randn(shape, generator=torch.Generator().manual_seed(self.init_seed))
+        # drawn in float32 whatever the ambient dtype: the same start in every run and in score()
+        start = torch.randn(shape, generator=torch.Generator().manual_seed(self.init_seed), dtype=torch.float32)
         return {"images": start}, {}
 
     def inner_init(self, outer: Tree, batch: dict[str, Tensor]) -> Tree:
@@ -247,6 +287,8 @@ class GradientInversion(BilevelModule):
     # -- training ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if self.trainer.max_steps < 1:
+            raise ConfigError("trainer.max_steps", "the attack's step decay is scheduled over max_steps: set it")
         self.algorithm.h["total_steps"] = self.trainer.max_steps  # the step decay's milestones
         if self.labels == "idlg":
             data = self.data
@@ -268,7 +310,7 @@ class GradientInversion(BilevelModule):
         first = next((m for m in self.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
         if not isinstance(first, nn.Linear) or first.bias is None or self.data.n != 1:
             return None
-        update = self.attacked(next(self.parameters()))["update"]
+        update = self.attacked(torch.zeros((), dtype=torch.get_default_dtype()))["update"]
         names = {id(p): k for k, p in self.net.named_parameters()}
         weight, bias = update[names[id(first.weight)]], update[names[id(first.bias)]]
         x = attack.recover_input(weight, bias).view(1, *self.data.input_shape)
@@ -295,7 +337,7 @@ class GradientInversion(BilevelModule):
             images = images.clone()  # evaluation runs in inference mode
             outer = {"images": images}
             start = self.inner_init(outer, batch)
-            end = run(GD(self.local_lr, len(steps)), self.problem, start, outer, steps).inner
+            end = run(GD(self.algorithm.h["inner_lr"], len(steps)), self.problem, start, outer, steps).inner
             return self.costs(tree.detach(end), outer, batch).detach()
 
     def score(self) -> dict[str, Any]:
@@ -379,6 +421,14 @@ def grid(truth: Tensor, reconstruction: Tensor, psnr: Tensor, path: Path) -> Pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _load(path: str, key: str) -> Any:
+    """A ``torch.save``-d file, on the CPU; an unreadable one is a config error."""
+    try:
+        return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to read it is the file's fault
+        raise ConfigError(key, f"cannot read {path}: {one_line(error)}") from None
 
 
 def _cast(t: Tree, dtype: torch.dtype) -> Tree:

@@ -4,12 +4,14 @@ table like the thesis's Table 5.2), and PSNR against the noise multiplier as a P
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from bilevel_dist.recipes.figures import pyplot
+from bilevel_dist.tune.sweep import store
 
-IMAGE_KEYS = ("data.first",)
+IMAGE_KEYS = ("data.first", "data.experiment")
 NOISE_KEY = "model.noise_multiplier"
 PSNR, SSIM = "val_psnr", "val_ssim"
 
@@ -45,15 +47,21 @@ def audit_table(table: Any, sweep_dir: str) -> None:
             curve.setdefault(label, []).append((noise, float(psnr.mean()), float(psnr.std(ddof=0))))
     text = "\n".join(lines)
     print("\naudit: PSNR of the reconstruction, by setting (mean over the audited images)\n" + text)
-    out = Path(sweep_dir.removeprefix("file://"))
-    (out / "audit.md").write_text(text + "\n")
+    store(f"{sweep_dir}/audit.md", text + "\n")
     if any(len({p[0] for p in points}) > 1 for points in curve.values()):
-        path = noise_curve(curve, out / "psnr_vs_noise.png")
-        print(f"PSNR against the DP noise multiplier: {path}")
+        with tempfile.TemporaryDirectory() as scratch:  # drawn locally, stored where the sweep is
+            path = noise_curve(curve, Path(scratch) / "psnr_vs_noise.png")
+            store(f"{sweep_dir}/psnr_vs_noise.png", path.read_bytes())
+        print(f"PSNR against the DP noise multiplier: {sweep_dir}/psnr_vs_noise.png")
 
 
-def _sortable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+def _sortable(value: Any) -> tuple[int, Any]:
+    """A sort key for a grid value: numbers, lists (as tuples) and text each among their kind."""
+    if isinstance(value, list):
+        return (1, tuple(value))
+    if isinstance(value, (int, float)) and value == value:
+        return (0, value)
+    return (2, str(value))
 
 
 def _label(key: str, value: str) -> str:
