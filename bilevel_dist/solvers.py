@@ -167,6 +167,8 @@ class Run:
     last_grad: Tree | Callable[[], Tree]
     oracles: Oracles
     window: list[tuple[Tree, SolverState, Tensor | None, int]] = field(default_factory=list)
+    #: the solver's state at the end (e.g. Adam's moments), to continue in a later run
+    state: SolverState = field(default_factory=dict)
 
     def gradient(self) -> Tree:
         """The last inner gradient; after a run of no steps, evaluated now (nothing needed it)."""
@@ -190,26 +192,34 @@ def run(
     keep_last: int = 0,
     advance: Advance | None = None,
     final_grad: bool = False,
+    gradient: Callable[[Tree, Tree, Any], Tree] | None = None,
+    state: SolverState | None = None,
+    start: int = 0,
 ) -> Run:
     """Runs ``solver.steps`` steps, each problem stopping once its gradient norm is ``≤ tol``.
 
     ``problem`` may be the problem's :class:`~bilevel_dist.oracles.Oracles` (its ``Comm`` and
     reduction policy, its call counts). ``batch`` may be :class:`PerStep`.
     ``advance(inner, state, grad, active, t)`` replaces the plain step (forward mode carries
-    tangents through it). Under a shared policy the gradient norms are global, so every rank stops
-    at the same step; under an independent one nothing here communicates.
+    tangents through it). ``gradient(inner, outer, batch)`` replaces ``∇_w g`` as the direction
+    the solver follows: a solve of another objective of ``w`` (a penalised or proximal one) built
+    from the same oracles. ``state`` and ``start`` continue a solver (its moments, its step count
+    for bias correction) from an earlier run's :attr:`Run.state`. Under a shared policy the
+    gradient norms are global, so every rank stops at the same step; under an independent one
+    nothing here communicates.
     """
     oracles = Oracles.of(problem)
     batched = oracles.batched
-    state = solver.init(inner)
+    direction = gradient or oracles.inner_grad
+    state = solver.init(inner) if state is None else state
     ref = next(iter(inner.values()))
     shape = (ref.shape[0],) if batched else ()
     done = torch.zeros(shape, dtype=torch.bool, device=ref.device)
     steps = torch.zeros(shape, dtype=torch.long, device=ref.device)
     window: deque = deque(maxlen=keep_last or None)
     grad, stopped, plain_steps = None, False, 0
-    for t in range(solver.steps):
-        grad = oracles.inner_grad(inner, outer, batch_at(batch, t))
+    for t in range(start, start + solver.steps):
+        grad = direction(inner, outer, batch_at(batch, t))
         active = None
         if solver.tol is not None:
             done = done | (oracles.norm(tree.detach(grad)) <= solver.tol)
@@ -230,11 +240,11 @@ def run(
     steps = steps + plain_steps
     window_list = list(window) if keep_last else []
     if final_grad and not stopped:
-        grad = oracles.inner_grad(tree.detach(inner), tree.detach(outer), last_batch(batch))
+        grad = direction(tree.detach(inner), tree.detach(outer), last_batch(batch))
     elif grad is None:  # no step ran: the gradient at the start only if someone asks for it
         point, at = tree.detach(inner), tree.detach(outer)
-        return Run(inner, steps, lambda: oracles.inner_grad(point, at, last_batch(batch)), oracles, window_list)
-    return Run(inner, steps, tree.detach(grad), oracles, window_list)
+        return Run(inner, steps, lambda: direction(point, at, last_batch(batch)), oracles, window_list, state)
+    return Run(inner, steps, tree.detach(grad), oracles, window_list, state)
 
 
 def replay(solver: Solver, problem: BilevelProblem | Oracles, end: Run, outer: Tree, batch: Any) -> Tree:

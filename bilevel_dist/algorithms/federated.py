@@ -39,6 +39,7 @@ from bilevel_dist import tree
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.algorithms.base import Algorithm, State, choice, count, fraction, lr, nonnegative, zeros
 from bilevel_dist.metrics import Metrics
+from bilevel_dist.solvers import GD, run
 from bilevel_dist.tree import Tree
 
 _log = logging.getLogger(__name__)
@@ -294,14 +295,14 @@ class PFedMe(FedAvg):
     def personal(self, theta: Tree, anchor: Tree, batch: dict[str, Tensor], steps: int) -> Tree:
         """``steps`` GD steps on ``f_c(θ) + λ/2 ‖θ − anchor_c‖²`` (``batch["weight"]``: one step's)."""
         lam = self.h["lam"]
-        for _ in range(steps):
-            grad = self.oracles.inner_grad(theta, {}, batch)
+
+        def proximal(theta: Tree, outer: Tree, batch: dict[str, Tensor]) -> Tree:
+            grad = self.oracles.inner_grad(theta, outer, batch)
             active = _active(batch, next(iter(grad.values())))
-            theta = {
-                k: v - self.h["personal_lr"] * (grad[k] + lam * _rows(active, v) * (v - anchor[k]))
-                for k, v in theta.items()
-            }
-        return tree.detach(theta)
+            return {k: g + lam * _rows(active, g) * (theta[k] - anchor[k]) for k, g in grad.items()}
+
+        end = run(GD(self.h["personal_lr"], steps), self.oracles, theta, {}, batch, gradient=proximal)
+        return tree.detach(end.inner)
 
     def local_step(self, local: Tree, w: Tree, batch: dict[str, Tensor], s: int) -> Tree:
         step_batch = {**batch, "weight": batch["weight"][s]}

@@ -21,7 +21,7 @@ from bilevel_dist.algorithms.base import (
     zeros,
 )
 from bilevel_dist.metrics import Metrics
-from bilevel_dist.solvers import GD, run
+from bilevel_dist.solvers import GD, Adam, run
 from bilevel_dist.tree import Tree
 
 
@@ -101,18 +101,37 @@ class Penalty(Algorithm):
         steps = self.h["inner_steps"] + 1
         return {"linearize": steps, "hvp": steps, "mixed": 1, "outer_grad": steps}
 
+    def penalised_solve(
+        self, state: State, w: Tree, x: Tree, inner_batch: Any, outer_batch: Any, step: float
+    ) -> tuple[Tree, State]:
+        """``inner_steps`` steps of the core's GD or Adam on ``f̃ = f + γ/2 ‖∇_w g‖²`` (``+ λ g``)
+        in ``w``; Adam's moments and step count persist across outer steps in ``state``."""
+
+        def direction(w: Tree, x: Tree, batch: Any) -> Tree:
+            dw, _, g = self.gradients(state, w, x, batch, outer_batch, outer=False)
+            return tree.axpy(state["lam"], g, dw) if state["lam"] else dw
+
+        steps = self.h["inner_steps"]
+        if "inner_m" not in state:
+            return run(GD(step, steps), self.oracles, w, x, inner_batch, gradient=direction).inner, state
+        moments = {"m": state["inner_m"], "v": state["inner_s"]}
+        end = run(
+            Adam(step, steps),
+            self.oracles,
+            w,
+            x,
+            inner_batch,
+            gradient=direction,
+            state=moments,
+            start=state["inner_t"],
+        )
+        moved = {"inner_m": end.state["m"], "inner_s": end.state["v"], "inner_t": state["inner_t"] + steps}
+        return end.inner, {**state, **moved}
+
     def step(self, state: State, inner_batch: Any, outer_batch: Any) -> tuple[State, Metrics]:
         w, x = state["inner"], state["outer"]
         shrink = 1.0 + self.h["gamma_lr_coef"] * state["gamma"]
-        for _ in range(self.h["inner_steps"]):
-            dw, _, g = self.gradients(state, w, x, inner_batch, outer_batch, outer=False)
-            if state["lam"]:
-                dw = tree.axpy(state["lam"], g, dw)
-            moved = dw
-            if "inner_m" in state:
-                state, moved = adam(state, dw, state["inner_t"], "inner")
-                state["inner_t"] += 1
-            w = descend(w, moved, state["inner_lr"] / shrink)
+        w, state = self.penalised_solve(state, w, x, inner_batch, outer_batch, state["inner_lr"] / shrink)
         dw, dx, g = self.gradients(state, w, x, inner_batch, outer_batch)
         assert dx is not None
         moved = dx
@@ -211,9 +230,12 @@ class F2SA(Algorithm):
         x, z, y, lam = state["outer"], state["inner"], state["y"], state["lam"]
         step = self.h["inner_lr"]
         z = run(GD(step, self.h["inner_steps"]), self.oracles, z, x, inner_batch).inner
-        for _ in range(self.h["inner_steps"]):  # y: gradient steps on f + λg, not on g
+
+        def penalised(y: Tree, x: Tree, batch: Any) -> Tree:  # y: gradient steps on f + λg, not on g
             fy = self.oracles.outer_grads(y, x, outer_batch)[0]
-            y = descend(y, tree.axpy(lam, self.oracles.inner_grad(y, x, inner_batch), fy), step / lam)
+            return tree.axpy(lam, self.oracles.inner_grad(y, x, batch), fy)
+
+        y = run(GD(step / lam, self.h["inner_steps"]), self.oracles, y, x, inner_batch, gradient=penalised).inner
         fx = self.oracles.outer_grads(y, x, outer_batch)[1]
         gx_y = self.oracles.inner_grads(y, x, inner_batch)[1]
         gx_z = self.oracles.inner_grads(z, x, inner_batch)[1]

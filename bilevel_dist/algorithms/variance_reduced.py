@@ -70,16 +70,19 @@ class SABA(SingleLoop):
         inner_ids, outer_ids = _index(inner_batch, "inner"), _index(outer_batch, "outer")
         problem = self.problem
 
+        calls = self.oracles.calls  # per-sample oracles, each run once vectorised over the samples
+
         def inner_sample(batch: Any) -> Tree:
             lin = linearize(problem.inner_loss, w, x, batch, joint=True)
             hv, jv = lin.both(v)
+            calls.update(("linearize", "hvp", "mixed"))
             return {"g": lin.grad, "hv": hv, "jv": jv}
 
         def outer_sample(batch: Any) -> Tree:
             fw, fx = loss_grads(problem.outer_loss, w, x, batch)
+            calls.update(("outer_grad",))
             return {"fw": fw, "fx": fx}
 
-        self.oracles.calls.update(self.cost(t))  # each kind once, vectorised over the samples
         fresh = {
             **self.oracles.per_sample(inner_sample, inner_batch),
             **self.oracles.per_sample(outer_sample, outer_batch),
