@@ -208,14 +208,14 @@ def test_a_round_leaves_out_dropped_and_non_finite_clients_by_id(float64, caplog
 def test_a_client_whose_local_solve_fails_sits_the_round_out(float64):
     model, data = _module(client_chunk=4)
     batch = as64(data.round(0)["inner"])
-    step = model.algorithm.local_step
+    direction = model.algorithm.local_direction
 
-    def failing(theta, w, part, s):
+    def failing(theta, w, part):
         if 5 in part["index"].tolist():
             raise RuntimeError("out of memory (simulated)")
-        return step(theta, w, part, s)
+        return direction(theta, w, part)
 
-    model.algorithm.local_step = failing
+    model.algorithm.local_direction = failing
     state = model.algorithm.restart(model.state, model.inner_init(model.state["outer"], batch))
     state, metrics = model.algorithm.step(state, batch, batch)
     chunk = next(part["index"].tolist() for _, part in model.algorithm.chunks(batch) if 5 in part["index"].tolist())

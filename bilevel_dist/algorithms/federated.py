@@ -39,7 +39,7 @@ from bilevel_dist import tree
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.algorithms.base import Algorithm, State, choice, count, fraction, lr, nonnegative, zeros
 from bilevel_dist.metrics import Metrics
-from bilevel_dist.solvers import GD, run
+from bilevel_dist.solvers import GD, PerStep, run
 from bilevel_dist.tree import Tree
 
 _log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class FedAvg(Algorithm):
     """
 
     name = "fedavg"
+    #: the batch's ``(S, C, n)`` minibatch schedules a local step reads
+    step_keys: tuple[str, ...] = ("weight",)
     hparams = {
         "local_lr": (0.1, lr),
         "prox": (0.0, nonnegative),
@@ -109,11 +111,15 @@ class FedAvg(Algorithm):
     def train_chunk(self, w: Tree, batch: dict[str, Tensor]) -> Tree:
         """One chunk's client models after their local steps, from ``w``: one vectorised solve
         under the batched policy (no collective)."""
-        clients = batch["x"].shape[0]
+        clients, steps = batch["x"].shape[0], batch["weight"].shape[0]
         theta = {k: v.unsqueeze(0).expand(clients, *v.shape).clone() for k, v in w.items()}
-        for s in range(batch["weight"].shape[0]):
-            theta = tree.detach(self.local_step(theta, w, batch, s))
-        return theta
+        schedule = PerStep(self.step_batch(batch, s) for s in range(steps))
+        end = run(GD(self.h["local_lr"], steps), self.oracles, theta, w, schedule, gradient=self.local_direction)
+        return tree.detach(end.inner)
+
+    def step_batch(self, batch: dict[str, Tensor], s: int) -> dict[str, Tensor]:
+        """Local step ``s``'s batch: the method's minibatch schedules (:attr:`step_keys`) at that step."""
+        return {**batch, **{k: batch[k][s] for k in self.step_keys}}
 
     def local_training(self, w: Tree, batch: dict[str, Tensor]) -> Tree:
         """Every client's model after its local steps (all rows at once: for tests and
@@ -121,15 +127,14 @@ class FedAvg(Algorithm):
         done = [self.train_chunk(w, part) for _, part in self.chunks(batch)]
         return {k: torch.cat([d[k] for d in done]) for k in w}
 
-    def local_step(self, theta: Tree, w: Tree, batch: dict[str, Tensor], s: int) -> Tree:
-        """Local step ``s`` of every client of ``batch``: SGD on its minibatch (+ FedProx)."""
-        step_batch = {**batch, "weight": batch["weight"][s]}
+    def local_direction(self, theta: Tree, w: Tree, step_batch: dict[str, Tensor]) -> Tree:
+        """What every client of a local step descends by ``local_lr`` (``step_batch``: one step's
+        minibatches): its minibatch gradient (+ FedProx's ``μ(θ − w)`` for the clients still
+        training at this step)."""
         grad = self.oracles.inner_grad(theta, w, step_batch)
-        if self.h["prox"]:  # FedProx's μ(θ − w), for the clients still training at this step
-            grad = {
-                k: g + self.h["prox"] * _rows(_active(step_batch, g), g) * (theta[k] - w[k]) for k, g in grad.items()
-            }
-        return {k: v - self.h["local_lr"] * grad[k] for k, v in theta.items()}
+        if not self.h["prox"]:
+            return grad
+        return {k: g + self.h["prox"] * _rows(_active(step_batch, g), g) * (theta[k] - w[k]) for k, g in grad.items()}
 
     def personalize(self, w: Tree, batch: dict[str, Tensor]) -> Tree:
         """Each client's model for its own data (``batch``: its whole local set, ``"weight"``
@@ -304,12 +309,11 @@ class PFedMe(FedAvg):
         end = run(GD(self.h["personal_lr"], steps), self.oracles, theta, {}, batch, gradient=proximal)
         return tree.detach(end.inner)
 
-    def local_step(self, local: Tree, w: Tree, batch: dict[str, Tensor], s: int) -> Tree:
-        step_batch = {**batch, "weight": batch["weight"][s]}
-        theta = self.personal(local, local, step_batch, self.h["personal_steps"])  # from w_c
+    def local_direction(self, local: Tree, w: Tree, step_batch: dict[str, Tensor]) -> Tree:
+        """The Moreau envelope's gradient ``λ(w_c − θ_c)``, ``θ_c`` the personal solve from ``w_c``."""
+        theta = self.personal(local, local, step_batch, self.h["personal_steps"])
         active = _active(step_batch, next(iter(theta.values())))
-        step = self.h["local_lr"] * self.h["lam"]
-        return {k: v - step * _rows(active, v) * (v - theta[k]) for k, v in local.items()}
+        return {k: self.h["lam"] * _rows(active, v) * (v - theta[k]) for k, v in local.items()}
 
     def personalize(self, w: Tree, batch: dict[str, Tensor]) -> Tree:
         """``θ_c(w)``: the personal problem from the global model on the client's whole set."""
@@ -330,6 +334,7 @@ class PerFedAvg(FedAvg):
     """
 
     name = "perfedavg"
+    step_keys = ("weight", "weight_query")  # D and D', two independent schedules
     hparams = {
         **FedAvg.hparams,
         "local_lr": (0.05, lr),
@@ -337,9 +342,9 @@ class PerFedAvg(FedAvg):
         "first_order": (False, lambda n, v: bool(v)),
     }
 
-    def local_step(self, local: Tree, w: Tree, batch: dict[str, Tensor], s: int) -> Tree:
-        support = {**batch, "weight": batch["weight"][s]}
-        query = {**batch, "weight": batch["weight_query"][s]}
+    def local_direction(self, local: Tree, w: Tree, step_batch: dict[str, Tensor]) -> Tree:
+        """The MAML meta-gradient on the client: adapt on ``D`` by ``α``, differentiate on ``D'``."""
+        support, query = step_batch, {**step_batch, "weight": step_batch["weight_query"]}
         if self.h["first_order"]:
             grad = self.oracles.inner_grad(local, w, support)
         else:
@@ -349,7 +354,7 @@ class PerFedAvg(FedAvg):
         meta = self.oracles.inner_grad(tree.detach(adapted), w, query)
         if not self.h["first_order"]:
             meta = tree.axpy(-self.h["alpha"], lin.hvp(meta), meta)
-        return {k: v - self.h["local_lr"] * meta[k] for k, v in local.items()}
+        return meta
 
     def personalize(self, w: Tree, batch: dict[str, Tensor]) -> Tree:
         """One step of ``α`` on the client's whole set, from the global model."""

@@ -20,6 +20,7 @@ from bilevel_dist.algorithms.single_loop import _NEUMANN, _STEPS, SingleLoop
 from bilevel_dist.linalg import linearize, loss_grads
 from bilevel_dist.metrics import Metrics
 from bilevel_dist.problem import BilevelProblem
+from bilevel_dist.solvers import GD, run
 from bilevel_dist.tree import Tree
 
 
@@ -219,18 +220,32 @@ class VRBO(_Recursive):
         point = {"inner": state["inner"], "outer": state["outer"]}
         est = self.recursive(state, point, inner_batch, outer_batch)
         x = descend(point["outer"], est["x"], gamma)
-        w, u = point["inner"], est["w"]
-        old_w, old_x = w, point["outer"]
-        for _ in range(self.h["inner_steps"]):
-            w = descend(w, u, rho)
-            change = tree.sub(
-                self.oracles.inner_grad(w, x, inner_batch), self.oracles.inner_grad(old_w, old_x, inner_batch)
-            )
-            u = tree.add(u, change)
-            old_w, old_x = w, x
+        sarah = _Sarah(self.oracles, est["w"], point["inner"], point["outer"])
+        steps = GD(rho, self.h["inner_steps"])
+        end = run(steps, self.oracles, point["inner"], x, inner_batch, gradient=sarah, final_grad=True)
         # The stored estimate stays the one at ``point``: the next recursion differences from there.
-        state = {**state, "prev": point, "estimate": est, "inner": w, "outer": x, "t": t + 1}
-        return state, Metrics(hypergrad_norm=self.norm(est["x"]), direction=est["x"], inner_grad_norm=self.norm(u))
+        state = {**state, "prev": point, "estimate": est, "inner": end.inner, "outer": x, "t": t + 1}
+        metrics = Metrics(hypergrad_norm=self.norm(est["x"]), direction=est["x"])
+        return state, metrics | {"inner_grad_norm": self.norm(end.gradient())}
+
+
+class _Sarah:
+    """The SARAH/SPIDER estimate of ``∇_w g`` as the direction of a solver run: ``u`` at the run's
+    start (the outer step's estimate, no oracle), then ``u ← u + ∇g(w, x) − ∇g(w_prev, x_prev)`` at
+    each new point, two inner gradients."""
+
+    def __init__(self, oracles: Any, start: Tree, w: Tree, x: Tree) -> None:
+        self.oracles, self.u, self.previous = oracles, start, (w, x)
+        self.started = False
+
+    def __call__(self, w: Tree, x: Tree, batch: Any) -> Tree:
+        if self.started:
+            before_w, before_x = self.previous
+            change = tree.sub(self.oracles.inner_grad(w, x, batch), self.oracles.inner_grad(before_w, before_x, batch))
+            self.u = tree.add(self.u, change)
+            self.previous = (w, x)
+        self.started = True
+        return self.u
 
 
 __all__ = ["SABA", "SRBA", "VRBO"]
