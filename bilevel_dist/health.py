@@ -79,7 +79,7 @@ def _read_events(folder: Path) -> Series:
 def plot(logdir: str | Path, out: str | Path | None = None) -> Path:
     """Draws the health panels found in ``logdir``'s logs into ``out`` (default
     ``LOGDIR/health.png``) and returns its path."""
-    from bilevel_dist.recipes.figures import pyplot
+    from bilevel_dist.figures import pyplot
 
     series = read(logdir)
     shown = [(key, title, log) for key, title, log in PANELS if series.get(key)]

@@ -25,9 +25,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy
 
 from bilevel_dist._checks import ConfigError
+from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.lightning import BilevelModule
 from bilevel_dist.recipes.data_denoising import models
-from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.tree import Tree
 
 BASELINES = ("oracle", "val_only", "train_val")

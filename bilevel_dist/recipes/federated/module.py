@@ -36,8 +36,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from bilevel_dist._checks import ConfigError
+from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.lightning.module import BilevelModule
-from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.tree import Tree
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,10 @@ from torch.func import functional_call
 from bilevel_dist import algorithms, tree
 from bilevel_dist._checks import ConfigError
 from bilevel_dist.algorithms.base import adam
+from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.lightning import BilevelModule
 from bilevel_dist.recipes.few_shot import models
 from bilevel_dist.recipes.few_shot.methods import KINDS, METHODS, Formulation
-from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.solvers import GD, run
 from bilevel_dist.tree import Tree
 

@@ -29,8 +29,8 @@ from torch.func import functional_call, vmap
 
 from bilevel_dist import tree
 from bilevel_dist._checks import ConfigError, one_line, positive_float, positive_int, setting
+from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.lightning import BilevelModule
-from bilevel_dist.recipes.figures import log_image, pyplot
 from bilevel_dist.recipes.privacy import attack, models
 from bilevel_dist.recipes.privacy.algorithm import Inversion
 from bilevel_dist.solvers import GD, PerStep, run

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bilevel_dist.recipes.figures import pyplot
+from bilevel_dist.figures import pyplot
 from bilevel_dist.tune.sweep import store
 
 IMAGE_KEYS = ("data.first", "data.experiment")

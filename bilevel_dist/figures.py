@@ -1,4 +1,4 @@
-"""What the recipes' figures share: matplotlib without a display, and the PNG sent to every
+"""What figures share: matplotlib without a display, and the PNG sent to every
 logger that takes images."""
 
 from __future__ import annotations
