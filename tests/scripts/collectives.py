@@ -1,6 +1,7 @@
 """Counting ``torch.distributed`` collectives, and the shared-memory sums that stand in for
 all-reduces on one host, for tests that state how many a step makes."""
 
+import lightning as L
 import torch.distributed as dist
 
 from bilevel_dist.shared_memory import SharedMemorySum
@@ -40,3 +41,22 @@ class CountCollectives:
         for name, fn in self.saved.items():
             setattr(dist, name, fn)
         SharedMemorySum.__call__ = self.shared_call
+
+
+class StepCollectives(L.Callback):
+    """Counts the collectives inside every algorithm step of a fit (:attr:`collectives`, one
+    count per step)."""
+
+    def __init__(self) -> None:
+        self.collectives = []
+
+    def on_train_start(self, trainer, module):
+        step = module.algorithm.step
+
+        def counted(*args, **kwargs):
+            with CountCollectives() as counter:
+                result = step(*args, **kwargs)
+            self.collectives.append(counter.count)
+            return result
+
+        module.algorithm.step = counted

@@ -8,7 +8,7 @@ import tempfile
 import lightning as L
 import torch
 import torch.distributed as dist
-from collectives import CountCollectives
+from collectives import StepCollectives
 
 from bilevel_dist.recipes.few_shot import FewShot, FewShotData
 
@@ -29,22 +29,12 @@ def model(method: str, algorithm: dict) -> FewShot:
     return FewShot(method, algorithm=algorithm, width=4, baselines=())
 
 
-class Record(L.Callback):
+class Record(StepCollectives):
     """Every step's meta-parameters, and the collectives inside every algorithm step."""
 
     def __init__(self) -> None:
-        self.steps, self.collectives = [], []
-
-    def on_train_start(self, trainer, module):
-        step = module.algorithm.step
-
-        def counted(*args, **kwargs):
-            with CountCollectives() as counter:
-                result = step(*args, **kwargs)
-            self.collectives.append(counter.count)
-            return result
-
-        module.algorithm.step = counted
+        super().__init__()
+        self.steps = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.steps.append({k: v.clone() for k, v in module.state["outer"].items()})

@@ -8,29 +8,19 @@ import tempfile
 import lightning as L
 import torch
 import torch.distributed as dist
-from collectives import CountCollectives
+from collectives import StepCollectives
 
 from bilevel_dist.recipes.privacy import AuditData, GradientInversion
 
 STEPS = 4
 
 
-class Record(L.Callback):
+class Record(StepCollectives):
     """Every step's restarts (gathered from every rank) and the collectives inside each step."""
 
     def __init__(self) -> None:
-        self.steps, self.collectives = [], []
-
-    def on_train_start(self, trainer, module):
-        step = module.algorithm.step
-
-        def counted(*args, **kwargs):
-            with CountCollectives() as counter:
-                result = step(*args, **kwargs)
-            self.collectives.append(counter.count)
-            return result
-
-        module.algorithm.step = counted
+        super().__init__()
+        self.steps = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.steps.append(module.gathered("outer")["images"].clone())
