@@ -316,20 +316,21 @@ class GradientInversion(BilevelModule):
         x = attack.recover_input(weight, bias).view(1, *self.data.input_shape)
         return self.data.denormalise(x).clamp(0, 1).cpu()
 
+    def attack_slots(self, slots: Tensor, n: int) -> Tensor:
+        """The schedule the attack replays: the client's ``slots``, or with ``unrolled=False``
+        one step over all ``n`` images (the FedSGD-style attack: one gradient of the whole set)."""
+        return slots if self.unrolled else torch.arange(n, device=slots.device)[None]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if not self.unrolled:  # the FedSGD-style attack: one gradient of the whole set
-            n = batch["inner"]["y"].numel()
-            whole = torch.arange(n, device=batch["inner"]["slots"].device)[None]
-            batch = {**batch, "inner": {**batch["inner"], "slots": whole}}
+        inner = batch["inner"]
+        batch = {**batch, "inner": {**inner, "slots": self.attack_slots(inner["slots"], inner["y"].numel())}}
         super().training_step(batch, batch_idx)
 
     # -- scoring -----------------------------------------------------------------------------
     def restart_costs(self, images: Tensor) -> Tensor:
         """The cost of every restart's images ``(R, n, C, H, W)`` (replayed on this process)."""
         data = self.data
-        slots = data.schedule.to(images.device)
-        if not self.unrolled:
-            slots = torch.arange(data.n, device=images.device)[None]
+        slots = self.attack_slots(data.schedule.to(images.device), data.n)
         index = torch.arange(images.shape[0], device=images.device)
         batch = {"index": index, "y": data.labels.to(images.device)}
         steps = PerStep({**batch, "slots": s} for s in slots)
