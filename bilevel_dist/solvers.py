@@ -110,6 +110,43 @@ class Adam(Solver):
         return new, {"m": m, "v": v}
 
 
+class OGM(Solver):
+    """The optimized gradient method with gradient restart (Kim & Fessler 2018; Crockett &
+    Fessler's inner solver for image reconstruction), step ``lr = 1/L``:
+
+        y⁺ = w − lr ∇g(w),   θ⁺ = (1 + √(1 + 4θ²)) / 2,
+        w⁺ = y⁺ + ((θ − 1)/θ⁺)(y⁺ − y) + (θ/θ⁺)(y⁺ − w),
+
+    restarted (``w⁺ = y⁺``, ``θ⁺ = 1``) where ``⟨∇g(w), y⁺ − y⟩ > 0``, per problem when
+    ``batched`` (one ``θ`` per leading row).
+    """
+
+    def __init__(self, lr: float, steps: int, tol: float | None = None, batched: bool = False) -> None:
+        self.lr = positive_float("lr", lr)
+        self.steps = positive_int("steps", steps, allow_zero=True)
+        self.tol = optional_tol("tol", tol)
+        self.batched = bool(batched)
+
+    def init(self, inner: Tree) -> SolverState:
+        ref = next(iter(inner.values()))
+        shape = ref.shape[:1] if self.batched else ()
+        return {"y": tree.detach(inner), "theta": {"theta": torch.ones(shape, dtype=ref.dtype, device=ref.device)}}
+
+    def update(self, inner: Tree, state: SolverState, grad: Tree, t: int) -> tuple[Tree, SolverState]:
+        y_old, theta = state["y"], state["theta"]["theta"]
+        y = tree.axpy(-self.lr, grad, inner)
+        step = tree.sub(y, y_old)
+        keep = (tree.dot(grad, step, self.batched) <= 0).to(theta.dtype)  # 0 where restarting
+        theta_new = (1 + torch.sqrt(1 + 4 * theta * theta)) / 2
+        momentum, correction = keep * (theta - 1) / theta_new, keep * theta / theta_new
+        theta_new = keep * theta_new + (1 - keep)
+        new = {}
+        for k, v in y.items():
+            m, c = tree.per_problem(momentum, v, self.batched), tree.per_problem(correction, v, self.batched)
+            new[k] = v + m * step[k] + c * (v - inner[k])
+        return new, {"y": y, "theta": {"theta": theta_new}}
+
+
 class PerStep(list):
     """Inner batches for a solve, one per step: step ``t`` uses batch ``t mod len`` (stocBiO and
     AmIGO draw a fresh batch per inner step) and what follows the solve (products, the
