@@ -3,6 +3,12 @@ double loop, the recipe end to end."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +123,122 @@ def test_hypergradient_matches_central_differences() -> None:
         numeric = (plus - minus) / (2 * h)
         analytic = float(sum((grad[k] * d[k]).sum() for k in outer))
         assert abs(numeric - analytic) <= 1e-6 * abs(numeric), (numeric, analytic)
+
+
+# -- the recipe under Lightning ---------------------------------------------------------------
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "imaging"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "bilevel_dist.cli", *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_one_collective_a_step(tmp_path):
+    """2 gloo ranks, 3 patches each, against 1 process with all 6: the filters, β and every
+    warm-started image agree to 1e-10 (float64); each step makes one collective, the outer
+    gradient's sum (the images' solves and CG make none)."""
+    sys.path.insert(0, str(SCRIPTS))
+    import imaging_fit
+
+    script = [sys.executable, str(SCRIPTS / "imaging_fit.py"), str(tmp_path), "2"]
+    result = subprocess.run(script, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"imaging_rank{r}.pt", weights_only=True) for r in range(2)]
+    one, collectives = imaging_fit.fit(1)
+    assert collectives == [0] * imaging_fit.STEPS
+    worst = 0.0
+    for a, b, single in zip(ranks[0]["steps"], ranks[1]["steps"], one, strict=True):
+        for key in single:
+            assert torch.equal(a[key], b[key]), key
+            worst = max(worst, float((a[key] - single[key]).abs().max()))
+    print("max |2 processes - 1 process|", worst)
+    assert worst < 1e-10
+    assert float((one[-1]["filters"] - one[0]["filters"]).abs().max()) > 1e-4  # it did learn
+    for rank in ranks:
+        assert rank["collectives"] == [1] * imaging_fit.STEPS, rank["collectives"]
+
+
+RESUME = """
+seed_everything: 0
+model:
+  class_path: bilevel_dist.recipes.imaging.LearnedReconstruction
+  init_args:
+    filter_size: 3
+    beta0: -3.0
+    init_steps: 100
+    algorithm: {inner_steps: 5, linear_iters: 10, outer_lr: 0.01}
+data:
+  class_path: bilevel_dist.recipes.imaging.ImagingData
+  init_args: {patch_size: 16, patches_per_image: 2, image_size: 32, train_images: 3}
+trainer:
+  max_steps: 8
+  precision: 64-true
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+  callbacks:%s
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: checkpoints, save_last: true, every_n_train_steps: 4, save_top_k: -1}
+"""
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
+    """8 steps straight, against a run killed at step 6 and resumed from its step-4 checkpoint:
+    filters, β, Adam's moments, the warm-started images and CG's warm-started v agree bit for bit."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    whole.mkdir(), broken.mkdir()
+    (tmp_path / "fit.yaml").write_text(RESUME % "")
+    (tmp_path / "kill.yaml").write_text(RESUME % "\n    - class_path: kill_at.KillAt\n      init_args: {step: 6}")
+    assert cli("fit", "--config", str(tmp_path / "fit.yaml"), cwd=whole).returncode == 0
+    assert cli("fit", "--config", str(tmp_path / "kill.yaml"), cwd=broken, env=_env()).returncode == -signal.SIGKILL
+    assert torch.load(broken / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = cli("fit", "--config", str(tmp_path / "fit.yaml"), "--ckpt_path", "last", cwd=broken)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["bilevel"]
+    b = torch.load(broken / "checkpoints/last.ckpt", weights_only=True)["bilevel"]
+    assert torch.equal(a["inner"]["x"], b["inner"]["x"])
+    assert torch.equal(a["buffers"]["v"]["x"], b["buffers"]["v"]["x"])
+    assert float(a["buffers"]["v"]["x"].abs().max()) > 0  # CG's warm start is really kept
+    for key in ("outer_m", "outer_s"):
+        for name in ("filters", "beta"):
+            assert torch.equal(a["buffers"][key][name], b["buffers"][key][name]), (key, name)
+    whole_outer = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    broken_outer = torch.load(broken / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(whole_outer[k], broken_outer[k]) for k in whole_outer)
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    """A kernel larger than the image, a sampling rate outside (0, 1], a missing dataset
+    directory, a colour image where greyscale is required: each one line naming the key, exit 2."""
+    import numpy as np
+
+    from bilevel_dist.cli import main
+
+    colour = tmp_path / "slices"
+    colour.mkdir()
+    for i in range(3):
+        np.save(colour / f"slice{i}.npy", np.random.default_rng(i).random((32, 32, 3)))
+    fit = ["fit", "--config", str(RECIPES / "denoise_filters.yaml"), "--trainer.max_steps", "1"]
+    cases = [
+        (["--data.task", "deblur", "--data.kernel_size", "41"], "data.init_args.kernel_size"),
+        (["--data.task", "mri", "--data.rate", "1.5"], "data.init_args.rate"),
+        (["--data.task", "mri", "--data.rate", "0"], "data.init_args.rate"),
+        (["--data.source", "bsds", "--data.root", str(tmp_path / "missing")], "data.init_args.root"),
+        (["--data.task", "mri", "--data.source", "slices", "--data.root", str(colour)], "data.init_args.root"),
+    ]
+    for extra, key in cases:
+        assert main([*fit, "--trainer.default_root_dir", str(tmp_path), *extra]) == 2, key
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert errors[0].startswith(f"bilevel-dist: error: {key}"), errors[0]
