@@ -146,7 +146,9 @@ class ImagingData(L.LightningDataModule):
         root: the local directory.
         sigma: noise standard deviation on the [0, 1] scale (25/255 in the review).
         patch_size, patches_per_image: training patches cut from each training image.
-        image_size: the side of the training images (before cutting) and of evaluation images.
+        image_size: the side the images are resized to (their centre square); training patches
+            are cut from them.
+        eval_crop: the side of the centre crop of validation and test images (``None``: whole).
         kernel, kernel_size, kernel_sigma, kernel_angle: the blur (Gaussian or linear motion).
         mask, rate, mask_seed: the MRI sampling (``cartesian``, ``gaussian``, ``radial``; the
             fraction of k-space kept, in (0, 1]).
@@ -162,6 +164,7 @@ class ImagingData(L.LightningDataModule):
         patch_size: int = 32,
         patches_per_image: int = 4,
         image_size: int = 128,
+        eval_crop: int | None = None,
         train_images: int | None = None,
         kernel: str = "gaussian",
         kernel_size: int = 9,
@@ -192,6 +195,9 @@ class ImagingData(L.LightningDataModule):
         self.patch_size = setting("patch_size", positive_int, patch_size)
         self.patches_per_image = setting("patches_per_image", positive_int, patches_per_image)
         self.image_size = setting("image_size", positive_int, image_size)
+        self.eval_crop = None if eval_crop is None else setting("eval_crop", positive_int, eval_crop)
+        if self.eval_crop is not None and self.eval_crop > self.image_size:
+            raise ConfigError("eval_crop", f"eval_crop {eval_crop} exceeds image_size {image_size}")
         self.train_images = None if train_images is None else setting("train_images", positive_int, train_images)
         if self.patch_size > self.image_size:
             raise ConfigError("patch_size", f"patch_size {patch_size} exceeds image_size {image_size}")
@@ -289,6 +295,14 @@ class ImagingData(L.LightningDataModule):
             out += [image[t : t + p, s : s + p] for t, s in zip(tops, lefts, strict=True)]
         return torch.stack(out)[:, None]
 
+    def crop(self, images: Tensor) -> Tensor:
+        """The centre ``eval_crop`` square of each image."""
+        if self.eval_crop is None:
+            return images
+        h, w = images.shape[-2:]
+        top, left = (h - self.eval_crop) // 2, (w - self.eval_crop) // 2
+        return images[..., top : top + self.eval_crop, left : left + self.eval_crop]
+
     def _split(self, truth: Tensor, seed: int) -> dict[str, Tensor]:
         op = self.operator(truth.shape[-1])
         return {"index": torch.arange(truth.shape[0]), "truth": truth, "y": self.measure(truth, op, seed)}
@@ -298,8 +312,8 @@ class ImagingData(L.LightningDataModule):
             return
         train, val, test = self._images()
         self.train = self._split(self.patches(train), self.noise_seed)
-        self.val = self._split(torch.stack(val)[:, None], self.noise_seed + 1)
-        self.test = self._split(torch.stack([x for _, x in test])[:, None], self.noise_seed + 2)
+        self.val = self._split(self.crop(torch.stack(val)[:, None]), self.noise_seed + 1)
+        self.test = self._split(self.crop(torch.stack([x for _, x in test])[:, None]), self.noise_seed + 2)
         self.test_names = [n for n, _ in test]
 
     @property

@@ -33,7 +33,9 @@ from bilevel_dist.tree import Tree
 
 REGULARISERS = ("filters", "tv")
 LEARN = ("all", "beta")
+STARTS = ("dct", "majorizer")
 #: the double loop's settings a config may change in ``algorithm``
+MAJORIZER_SETTINGS = {"iterations", "lr", "iterative_steps", "surrogate", "inner_iterations", "inner_tol"}
 TUNABLE = {"inner_steps", "inner_tol", "linear_iters", "linear_tol", "outer_lr", "outer_decay", "outer_optimizer"}
 
 
@@ -57,6 +59,12 @@ class LearnedReconstruction(BilevelModule):
         init_steps, init_tol: the tight first solve of every training image at the starting
             parameters (the review's ``‖∇Φ‖/√N < 1e-7``), before the warm-started loop.
         eval_steps, eval_tol: the solve of validation and test images.
+        start: ``dct`` (the atoms, β = 0) or ``majorizer``: the energy learned first by the
+            thesis's single-level surrogate (:func:`~.majorizer.train_majorizer`: the dual
+            Bregman surrogate and its iterative scheme, no derivative of the argmin), which the
+            implicit double loop then refines (``trainer.max_steps``).
+        majorizer: settings of :func:`~.majorizer.train_majorizer` (``iterations``, ``lr``,
+            ``iterative_steps``, ``surrogate``, ``inner_iterations``, ``inner_tol``).
         tv_beta0: the TV column of the test figure and table: TV at this weight.
         results_dir: where the test writes its CSV and figures (default: the log directory).
         algorithm: the double loop's settings (:class:`~.algorithm.ReconstructionIFT`):
@@ -76,6 +84,8 @@ class LearnedReconstruction(BilevelModule):
         init_tol: float = 1e-4,
         eval_steps: int = 1000,
         eval_tol: float = 1e-3,
+        start: str = "dct",
+        majorizer: dict[str, Any] | None = None,
         tv_beta0: float | None = None,
         results_dir: str | None = None,
         algorithm: dict[str, Any] | None = None,
@@ -83,6 +93,13 @@ class LearnedReconstruction(BilevelModule):
     ) -> None:
         if regulariser not in REGULARISERS:
             raise ConfigError("regulariser", f"regulariser must be one of {list(REGULARISERS)}, got {regulariser!r}")
+        if start not in STARTS:
+            raise ConfigError("start", f"start must be one of {list(STARTS)}, got {start!r}")
+        if start == "majorizer" and (regulariser, learn) != ("filters", "all"):
+            raise ConfigError("start", "the majorizer start learns filters and β: regulariser filters, learn all")
+        unknown = sorted(set(majorizer or {}) - MAJORIZER_SETTINGS)
+        if unknown:
+            raise ConfigError(f"majorizer.{unknown[0]}", f"the majorizer takes {sorted(MAJORIZER_SETTINGS)}")
         if learn not in LEARN:
             raise ConfigError("learn", f"learn must be one of {list(LEARN)}, got {learn!r}")
         fixed = sorted(set(algorithm or {}) - TUNABLE)
@@ -100,9 +117,11 @@ class LearnedReconstruction(BilevelModule):
         self.eval_steps = setting("eval_steps", positive_int, eval_steps)
         self.eval_tol = setting("eval_tol", positive_float, eval_tol)
         self.tv_beta0 = tv_beta0
+        self.start, self.majorizer = start, dict(majorizer or {})
         self.results_dir = results_dir
         self.results: dict[str, Any] = {}
         self._energies: dict[int, FilterEnergy] = {}
+        self._majorizer_outer: Tree | None = None
 
     def _make_algorithm(self, from_data: dict[str, Any]) -> ReconstructionIFT:
         try:
@@ -152,10 +171,27 @@ class LearnedReconstruction(BilevelModule):
         if self.learn == "all":
             outer = {"filters": filters, **outer}
         train = self.data.train
+        if self.start == "majorizer":
+            outer = self.majorizer_start(outer)
+            self._majorizer_outer = {k: v.clone() for k, v in outer.items()}
         x = self.solve(outer, train["y"], self.init_steps, self.init_tol) if self.init_steps else None
         if x is None:
             x = self.energy(train["truth"].shape[-1]).operator.adjoint(_like(train["y"], filters)).to(filters.dtype)
         return outer, {"x": x}
+
+    def majorizer_start(self, outer: Tree) -> Tree:
+        """``(filters, β)`` learned by the parametric majorizer on the training patches (every
+        rank the same: the patches are all read, the computation is deterministic)."""
+        from bilevel_dist.recipes.imaging.majorizer import train_majorizer
+
+        train = self.data.train
+        like = outer["beta"]
+        energy = self.energy(train["truth"].shape[-1])
+        learned = train_majorizer(
+            train["truth"].to(like), train["y"].to(like), energy, outer["filters"], outer["beta"], **self.majorizer
+        )
+        self.results["majorizer_seconds"] = learned.history["time"][-1] if learned.history.get("time") else None
+        return {"filters": learned.filters.to(like), "beta": learned.beta.to(like)}
 
     # -- the two levels ----------------------------------------------------------------------
     def inner_loss(self, inner: Tree, outer: Tree, batch: Any) -> Tensor:
@@ -211,6 +247,10 @@ class LearnedReconstruction(BilevelModule):
         for key in ("psnr", "ssim"):
             self.log(f"test_{key}", float(self.results["learned"][key].mean()), batch_size=1, sync_dist=False)
 
+    def on_train_end(self) -> None:
+        """Scores every method on the test images, writes the CSV and figures, prints the table."""
+        self.results = {**self.results, **self.report()}
+
     def measured(self, y: Tensor, like: Tensor) -> Tensor:
         """The measurement shown as an image: ``y`` itself, or ``Aᴴy`` (zero-filled) in k-space."""
         return self.energy(y.shape[-1]).operator.adjoint(_like(y, like)) if y.is_complex() else _like(y, like)
@@ -227,6 +267,11 @@ class LearnedReconstruction(BilevelModule):
         if self.tv_beta0 is not None:
             tv = self.solve(self.outer, test["y"], self.eval_steps, self.eval_tol, regulariser="tv")
             methods["tv"] = {**scores(tv, truth), "x": tv}
+        if self._majorizer_outer is not None:  # the surrogate's energy, before the double loop
+            start = self.solve(
+                {k: v.to(like) for k, v in self._majorizer_outer.items()}, test["y"], self.eval_steps, self.eval_tol
+            )
+            methods["majorizer"] = {**scores(start, truth), "x": start}
         methods["learned"] = learned
         out = Path(self.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
