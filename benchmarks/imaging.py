@@ -1,16 +1,16 @@
 """The imaging recipe's per-image lower levels solved as one batched problem against a Python
 loop over the images, side by side in one run.
 
-    python benchmarks/imaging.py            # about 2 minutes; writes results/imaging.md
-    python benchmarks/imaging.py --quick    # J = 16 and 64 only
+    python benchmarks/imaging.py            # about 3 minutes; writes results/imaging.md
+    python benchmarks/imaging.py --quick    # J = 64 only
 
 Workload: one outer step of :class:`~bilevel_dist.recipes.imaging.algorithm.ReconstructionIFT`
-on ``J`` denoising patches of 32×32 (σ = 25/255, bundled photographs), 8 3×3 DCT filters, CR1N
-ε = 0.01, β₀ = −3: 10 OGM steps warm-started from a converged start, then CG (20 iterations) for
-the hypergradient. *batched*: the recipe's step, all ``J`` lower levels in one problem;
-*looped*: the same algorithm on one patch at a time, the ``J`` hypergradients summed. float64
-(the two must agree to 1e-12), one torch thread; every cell is the fastest of 5 repeats (the
-shared CPUs swing by 2×; the minimum is what the code costs).
+on ``J`` denoising patches of 16×16 and 32×32 (σ = 25/255, bundled photographs), 8 3×3 DCT
+filters, CR1N ε = 0.01, β₀ = −3: 10 OGM steps warm-started from a converged start, then CG (20
+iterations) for the hypergradient. *batched*: the recipe's step, all ``J`` lower levels in one
+problem; *looped*: the same algorithm on one patch at a time, the ``J`` hypergradients summed.
+float32 (``--dtype float64``: the two agree to 1e-15), one torch thread; every cell is the
+fastest of 5 repeats (the shared CPUs swing by 2×; the minimum is what the code costs).
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def problem_for(energy: FilterEnergy) -> BilevelProblem:
     return BilevelProblem(inner, outer, batched=True)
 
 
-def setup(n: int) -> tuple[ReconstructionIFT, dict, dict]:
-    data = ImagingData(task="denoise", patch_size=32, patches_per_image=-(-n // 6), image_size=128)
+def setup(n: int, side: int = 32) -> tuple[ReconstructionIFT, dict, dict]:
+    data = ImagingData(task="denoise", patch_size=side, patches_per_image=-(-n // 6), image_size=512)
     data.setup()
     batch = {k: v[:n] for k, v in data.train.items() if k != "index"}
     energy = FilterEnergy(eps=0.01, beta0=-3.0)
     outer = {"filters": dct_filters(3), "beta": torch.zeros(8)}
-    bound = energy.lipschitz(outer["filters"], outer["beta"], (32, 32))
+    bound = energy.lipschitz(outer["filters"], outer["beta"], (side, side))
     problem = problem_for(energy)
     start = run(OGM(1 / bound, 2000, 1e-6, batched=True), problem, {"x": batch["y"].clone()}, outer, batch).inner
     algorithm = ReconstructionIFT(problem, inner_steps=10, inner_tol=0.0, linear_iters=20, linear_tol=0.0,
@@ -85,26 +85,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_default_dtype(getattr(torch, args.dtype))
     torch.set_num_threads(1)
-    sizes = (16, 64) if args.quick else (16, 64, 128)
+    cases = [(16, 64), (32, 64)] if args.quick else [(16, 16), (16, 64), (16, 256), (32, 16), (32, 64), (32, 256)]
     rows = []
-    for n in sizes:
-        algorithm, state, batch = setup(n)
+    for side, n in cases:
+        algorithm, state, batch = setup(n, side)
         a, b = batched(algorithm, state, batch), looped(algorithm, state, batch)
         error = max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
         t_batched, t_looped = fastest(batched, algorithm, state, batch), fastest(looped, algorithm, state, batch)
-        rows.append((n, t_batched * 1e3, t_looped * 1e3, t_looped / t_batched, error))
-        print(f"J={n}: batched {t_batched * 1e3:.1f} ms, looped {t_looped * 1e3:.1f} ms, "
+        rows.append((side, n, t_batched * 1e3, t_looped * 1e3, t_looped / t_batched, error))
+        print(f"{side}x{side}, J={n}: batched {t_batched * 1e3:.1f} ms, looped {t_looped * 1e3:.1f} ms, "
               f"{t_looped / t_batched:.1f}x, max relative difference {error:.1e}", flush=True)  # fmt: skip
     lines = [
         "# Imaging: the per-image lower levels batched against a loop over images",
         "",
         f"`python benchmarks/imaging.py`, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        "one thread, float64; one ReconstructionIFT step (10 OGM steps + 20 CG iterations) on J 32×32 patches.",
+        f"one thread, {args.dtype}; one ReconstructionIFT step (10 OGM steps + 20 CG iterations) on J patches.",
         "",
-        "| J patches | batched (ms) | looped (ms) | looped / batched | max relative difference |",
-        "|---|---|---|---|---|",
+        "| patch | J patches | batched (ms) | looped (ms) | looped / batched | max relative difference |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {tb:.1f} | {tl:.1f} | {r:.1f}× | {e:.1e} |" for n, tb, tl, r, e in rows]
+    lines += [f"| {s}×{s} | {n} | {tb:.1f} | {tl:.1f} | {r:.1f}× | {e:.1e} |" for s, n, tb, tl, r, e in rows]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "imaging.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
