@@ -134,6 +134,17 @@ def read_levin(root: Path) -> list[tuple[str, Tensor, Tensor]]:
     return out
 
 
+def _split_by_name(found: list[tuple[str, Tensor]]) -> tuple[list[Tensor], list[Tensor], list[tuple[str, Tensor]]]:
+    """Train, validation and test by distinct name (the last name tests, the one before validates),
+    so that no image is in two splits."""
+    names = sorted({n for n, _ in found})
+    if len(names) < 3:
+        raise ConfigError("root", f"{len(names)} distinct images; train, val and test need 3 at least")
+    val_name, test_name = names[-2], names[-1]
+    train = [x for n, x in found if n not in (val_name, test_name)]
+    return train, [x for n, x in found if n == val_name], [(n, x) for n, x in found if n == test_name]
+
+
 class ImagingData(L.LightningDataModule):
     """Training patches, validation and test images, and their measurements.
 
@@ -141,7 +152,8 @@ class ImagingData(L.LightningDataModule):
         task: ``denoise`` (A = I), ``deblur`` (circular blur) or ``mri`` (undersampled Fourier).
         source: ``photos`` (bundled, split by image), ``phantom`` (Shepp–Logan; MRI), or a local
             ``root``: ``bsds`` (image folder with ``train``/``val``/``test`` subfolders, or one
-            folder split in order), ``levin`` (``.mat`` files with their own kernels),
+            folder split in order), ``levin`` (``.mat`` files, split by sharp image; measured
+            with the config's kernel, the files' own kernels not yet),
             ``slices`` (``.npy``/``.h5`` MRI slices, greyscale).
         root: the local directory.
         sigma: noise standard deviation on the [0, 1] scale (25/255 in the review).
@@ -204,15 +216,16 @@ class ImagingData(L.LightningDataModule):
         self.kernel_name, self.kernel_size = kernel, kernel_size
         self.kernel_sigma, self.kernel_angle = kernel_sigma, kernel_angle
         if task == "deblur":
-            if kernel_size > min(self.patch_size, self.image_size):
+            smallest = min(self.patch_size, self.eval_crop or self.image_size)
+            if kernel_size > smallest:
                 raise ConfigError(
                     "kernel_size",
-                    f"the {kernel_size}x{kernel_size} kernel is larger than the {self.patch_size}x{self.patch_size} "
-                    "training patches",
+                    f"the {kernel_size}x{kernel_size} kernel is larger than the {smallest}x{smallest} images it blurs",
                 )
             self.blur_kernel()  # checks the kernel settings now
         self.mask_name, self.rate, self.mask_seed = mask, float(rate), mask_seed
         self.noise_seed, self.patch_seed = noise_seed, patch_seed
+        self._operators: dict[int, Operator] = {}
         self.train: dict[str, Tensor] | None = None
         self.val: dict[str, Tensor] | None = None
         self.test: dict[str, Tensor] | None = None
@@ -226,13 +239,19 @@ class ImagingData(L.LightningDataModule):
             return gaussian_kernel(self.kernel_size, self.kernel_sigma)
         return motion_kernel(self.kernel_size, self.kernel_angle)
 
-    def operator(self, side: int, kernel: Tensor | None = None) -> Operator:
-        """``A`` for ``side × side`` images (a Levin image's own ``kernel`` where given)."""
-        if self.task == "denoise":
-            return Identity()
-        if self.task == "deblur":
-            return Blur(self.blur_kernel() if kernel is None else kernel)
-        return MaskedFourier(sampling_mask(self.mask_name, (side, side), self.rate, self.mask_seed))
+    def operator(self, side: int) -> Operator:
+        """``A`` for ``side × side`` images, one per size: the measurements and the model's
+        energy use the same one."""
+        if side not in self._operators:
+            if self.task == "denoise":
+                self._operators[side] = Identity()
+            elif self.task == "deblur":
+                self._operators[side] = Blur(self.blur_kernel())
+            else:
+                self._operators[side] = MaskedFourier(
+                    sampling_mask(self.mask_name, (side, side), self.rate, self.mask_seed)
+                )
+        return self._operators[side]
 
     def measure(self, truth: Tensor, op: Operator, seed: int) -> Tensor:
         """``y = A x + σ n`` with the noise drawn from ``seed`` (complex in k-space)."""
@@ -265,7 +284,9 @@ class ImagingData(L.LightningDataModule):
             )
         assert self.root is not None
         if self.source == "levin":
-            found = [(n, resize(x, side)) for n, x, _ in read_levin(self.root)]
+            # one file per (image, kernel): split by the sharp image (the stem before "_ker")
+            found = [(n.split("_ker")[0], resize(x, side)) for n, x, _ in read_levin(self.root)]
+            return _split_by_name(found)
         else:
             suffixes = {".npy", ".h5"} if self.source == "slices" else _IMAGE_SUFFIXES
             splits = [self.root / s for s in ("train", "val", "test")]

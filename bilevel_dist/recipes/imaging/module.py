@@ -107,6 +107,8 @@ class LearnedReconstruction(BilevelModule):
             raise ConfigError(f"algorithm.{fixed[0]}", f"the reconstruction's double loop takes {sorted(TUNABLE)}")
         self.regulariser, self.learn = regulariser, learn
         self.filter_size = setting("filter_size", positive_int, filter_size)
+        if regulariser == "filters" and self.filter_size < 2:
+            raise ConfigError("filter_size", "filter_size must be at least 2: a 1×1 DCT basis has no non-constant atom")
         self.eps = setting("eps", positive_float, eps)
         self.beta0 = float(beta0)
         spec = {"name": ReconstructionIFT.name, **(algorithm or {})}
@@ -122,6 +124,7 @@ class LearnedReconstruction(BilevelModule):
         self.results: dict[str, Any] = {}
         self._energies: dict[int, FilterEnergy] = {}
         self._majorizer_outer: Tree | None = None
+        self._fixed: dict[tuple, Tensor] = {}
 
     def _make_algorithm(self, from_data: dict[str, Any]) -> ReconstructionIFT:
         try:
@@ -139,7 +142,13 @@ class LearnedReconstruction(BilevelModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        self.data.setup(stage)
+        data = self.data
+        data.setup(stage)
+        smallest = min(data.patch_size, data.eval_crop or data.image_size)
+        if self.regulariser == "filters" and self.filter_size > smallest:
+            raise ConfigError(
+                "filter_size", f"{self.filter_size}x{self.filter_size} filters exceed the {smallest}-pixel images"
+            )
 
     def energy(self, side: int) -> FilterEnergy:
         """Φ for ``side × side`` images (the operator depends on the size: masks, kernels)."""
@@ -147,17 +156,22 @@ class LearnedReconstruction(BilevelModule):
             self._energies[side] = FilterEnergy(self.data.operator(side), self.eps, self.beta0)
         return self._energies[side]
 
-    def start_filters(self) -> Tensor:
+    def start_filters(self, dtype: torch.dtype | None = None) -> Tensor:
         """The filters at the start: DCT atoms, or the two finite differences for TV."""
+        dtype = dtype or torch.get_default_dtype()
         if self.regulariser == "tv":
-            return tv_filters(torch.get_default_dtype())
-        return dct_filters(self.filter_size, torch.get_default_dtype())
+            return tv_filters(dtype)
+        return dct_filters(self.filter_size, dtype)
 
     def parameters_of(self, outer: Tree) -> tuple[Tensor, Tensor]:
         """``(filters, β)`` from the outer variables (fixed filters when only β is learned)."""
         beta = outer["beta"]
-        filters = outer["filters"] if "filters" in outer else self.start_filters().to(beta)
-        return filters, beta
+        if "filters" in outer:
+            return outer["filters"], beta
+        key = (beta.dtype, beta.device)
+        if key not in self._fixed:  # built once in float64, then cast: the same filters in every precision
+            self._fixed[key] = self.start_filters(torch.float64).to(beta)
+        return self._fixed[key], beta
 
     def step_bound(self, outer: Tree) -> float:
         """``L`` of eq. (4.19) at the current parameters, for the training patches."""
@@ -171,10 +185,11 @@ class LearnedReconstruction(BilevelModule):
         if self.learn == "all":
             outer = {"filters": filters, **outer}
         train = self.data.train
-        if self.start == "majorizer":
+        restoring = self._trainer is not None and self.trainer.ckpt_path is not None  # the checkpoint's values win
+        if self.start == "majorizer" and not restoring:
             outer = self.majorizer_start(outer)
             self._majorizer_outer = {k: v.clone() for k, v in outer.items()}
-        x = self.solve(outer, train["y"], self.init_steps, self.init_tol) if self.init_steps else None
+        x = self.solve(outer, train["y"], self.init_steps, self.init_tol) if self.init_steps and not restoring else None
         if x is None:
             x = self.energy(train["truth"].shape[-1]).operator.adjoint(_like(train["y"], filters)).to(filters.dtype)
         return outer, {"x": x}
@@ -246,6 +261,16 @@ class LearnedReconstruction(BilevelModule):
         self.results = self.report()
         for key in ("psnr", "ssim"):
             self.log(f"test_{key}", float(self.results["learned"][key].mean()), batch_size=1, sync_dist=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._majorizer_outer is not None:  # the test table's majorizer column, after a resume too
+            checkpoint["majorizer"] = {k: v.detach().cpu() for k, v in self._majorizer_outer.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "majorizer" in checkpoint:
+            self._majorizer_outer = dict(checkpoint["majorizer"])
 
     def on_train_end(self) -> None:
         """Scores every method on the test images, writes the CSV and figures, prints the table."""

@@ -241,6 +241,11 @@ def sampling_mask(kind: str, shape: tuple[int, int], rate: float, seed: int = 0)
     if kind not in MASKS:
         raise ConfigError("mask", f"unknown mask {kind!r}; choose one of {list(MASKS)}")
     rate = _rate(rate)
+    with torch.device("cpu"):  # a CPU generator draws it, also under a model's GPU init context
+        return _draw_mask(kind, shape, rate, seed)
+
+
+def _draw_mask(kind: str, shape: tuple[int, int], rate: float, seed: int) -> Tensor:
     h, w = shape
     generator = torch.Generator().manual_seed(seed)
     target = round(rate * h * w)
@@ -261,14 +266,20 @@ def sampling_mask(kind: str, shape: tuple[int, int], rate: float, seed: int = 0)
         mask.view(-1)[chosen] = 1
     else:
         golden = math.pi * (math.sqrt(5) - 1) / 2
-        radius = torch.linspace(-0.5, 0.5, 2 * max(h, w), dtype=torch.float64)
-        spoke = 0
-        while mask.sum() < target:
-            angle = spoke * golden
-            ys = torch.round(radius * math.sin(angle) * h).long() % h
-            xs = torch.round(radius * math.cos(angle) * w).long() % w
-            mask[ys, xs] = 1
-            spoke += 1
+        spoke, cap = 0, 4 * (h + w)
+        for reach in (0.5, math.sqrt(0.5)):  # the inscribed disc first; the corners if the rate needs them
+            radius = torch.linspace(
+                -reach, reach, 2 * max(h, w) if reach == 0.5 else 3 * max(h, w), dtype=torch.float64
+            )
+            while mask.sum() < target and spoke < cap:
+                angle = spoke * golden
+                ys = torch.round(radius * math.sin(angle) * h).long() % h
+                xs = torch.round(radius * math.cos(angle) * w).long() % w
+                mask[ys, xs] = 1
+                spoke += 1
+            spoke, cap = 0, 8 * (h + w)
+        if mask.sum() < target:
+            raise ConfigError("rate", f"radial spokes cover {float(mask.mean()):.3f} of k-space, short of {rate}")
     return mask
 
 
