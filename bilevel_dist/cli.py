@@ -3,9 +3,10 @@
 (:mod:`bilevel_dist.health`) and ``estimators``.
 
 ``bilevel-dist fit --config recipes/data_denoising/digits.yaml --model.algorithm.name soba``.
-Configs use ``class_path``/``init_args`` for the model (a :class:`BilevelModule`) and the data (a
-:class:`BilevelDataModule`). A user mistake (unknown key, wrong type, unknown algorithm, a bad
-value, a missing file) prints one line naming the key and exits with code 2, without a traceback.
+Configs use ``class_path``/``init_args`` for the model (a :class:`BilevelModule`, or any other
+``LightningModule``) and the data (a :class:`BilevelDataModule`). A user mistake (unknown key,
+wrong type, unknown algorithm, a bad value, a missing file) prints one line naming the key and
+exits with code 2, without a traceback.
 A run whose step turns non-finite under ``nonfinite: raise`` prints one line and exits with code 1.
 """
 

@@ -1,9 +1,10 @@
 """The ``LightningCLI`` behind ``bilevel-dist fit|validate|test`` and every tune trial.
 
-:func:`cli_class` builds it: the model is a :class:`BilevelModule` and the data a
-:class:`BilevelDataModule`, each given by ``class_path``/``init_args``. A user mistake (unknown key,
-wrong type, unknown algorithm, a bad value, a missing file) is raised as a :class:`UserError` whose
-one line names the key; ``bilevel-dist`` prints it and exits with code 2.
+:func:`cli_class` builds it: the model is a ``LightningModule`` (a :class:`BilevelModule`, or a
+recipe's single-level method such as BIO) and the data a :class:`BilevelDataModule`, each given by
+``class_path``/``init_args``. A user mistake (unknown key, wrong type, unknown algorithm, a bad
+value, a missing file) is raised as a :class:`UserError` whose one line names the key;
+``bilevel-dist`` prints it and exits with code 2.
 """
 
 from __future__ import annotations
@@ -52,10 +53,8 @@ def _parser_message(message: str) -> str:
 
 def cli_class() -> type:
     """The ``LightningCLI`` subclass behind ``fit``/``validate``/``test`` (and every tune trial)."""
-    from lightning import LightningDataModule
+    from lightning import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-    from bilevel_dist.lightning import BilevelModule
 
     class Parser(LightningArgumentParser):
         """Raises instead of printing usage, so that the CLI reports one line."""
@@ -68,14 +67,15 @@ def cli_class() -> type:
             raise UserError(_parser_message(message))
 
     class BilevelCLI(LightningCLI):
-        """``LightningCLI`` for :class:`BilevelModule` subclasses and any ``LightningDataModule``
-        (a :class:`BilevelDataModule`, or an episodic one that draws its own tasks)."""
+        """``LightningCLI`` for any ``LightningModule`` (a :class:`BilevelModule` subclass, or a
+        recipe's single-level method such as BIO) and any ``LightningDataModule`` (a
+        :class:`BilevelDataModule`, or an episodic one that draws its own tasks)."""
 
         def __init__(self, args: list[str] | dict[str, Any] | None, run: bool = True) -> None:
             if args is not None:  # a config from Python (a tune trial) while sys.argv holds another command
                 warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended", UserWarning)
             super().__init__(
-                BilevelModule,
+                LightningModule,
                 LightningDataModule,
                 subclass_mode_model=True,
                 subclass_mode_data=True,

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bilevel_dist._checks import ConfigError
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.recipes.imaging.algorithm import ReconstructionIFT
 from bilevel_dist.recipes.imaging.data import ImagingData
 from bilevel_dist.recipes.imaging.energies import FilterEnergy, dct_filters
+from bilevel_dist.recipes.imaging.metrics import psnr
 from bilevel_dist.recipes.imaging.operators import (
     DCT,
     Blur,
@@ -255,7 +257,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert errors[0].startswith(f"bilevel-dist: error: {key}"), errors[0]
 
 
-FIT_CONFIGS = sorted(c for c in RECIPES.glob("*.yaml") if not c.stem.endswith("sweep"))
+# the learned-energy configs (BIO's run by tests/test_imaging_bio_cli.py)
+FIT_CONFIGS = sorted(c for c in RECIPES.glob("*.yaml") if not c.stem.endswith("sweep") and "bio" not in c.stem)
 
 
 @pytest.mark.slow
@@ -310,6 +313,26 @@ def test_local_directories_are_read(tmp_path):
     assert abs(float(read_kernel.sum()) - 1) < 1e-12 and torch.allclose(
         read_kernel, torch.as_tensor(kernel / kernel.sum())
     )
+    # kernel: file measures with the files' own kernel number levin_kernel, split by sharp image
+    kernels = {1: kernel, 2: rng.random((3, 3))}
+    for image in (2, 3):
+        for number, k in kernels.items():
+            savemat(tmp_path / "levin" / f"im{image}_ker{number}.mat", {"x": rng.random((40, 40)), "f": k})
+    savemat(tmp_path / "levin" / "im1_ker2.mat", {"x": rng.random((40, 40)), "f": kernels[2]})
+    levin = ImagingData(
+        task="deblur", source="levin", root=str(tmp_path / "levin"), kernel="file", levin_kernel=2, sigma=0.0,
+        image_size=32, patch_size=16, patches_per_image=2,
+    )  # fmt: skip
+    levin.setup()
+    assert torch.allclose(levin.blur_kernel(), torch.as_tensor(kernels[2] / kernels[2].sum()))
+    assert levin.train["truth"].shape == (2, 1, 16, 16) and levin.test["truth"].shape == (1, 1, 32, 32)
+    blurred = Blur(torch.as_tensor(kernels[2] / kernels[2].sum()))(levin.test["truth"])
+    assert torch.allclose(levin.test["y"], blurred, atol=1e-12)
+    with pytest.raises(ConfigError) as missing:
+        ImagingData(task="deblur", source="levin", root=str(tmp_path / "levin"), kernel="file", levin_kernel=3).setup()
+    with pytest.raises(ConfigError) as not_levin:
+        ImagingData(task="deblur", kernel="file")
+    assert (missing.value.key, not_levin.value.key) == ("levin_kernel", "kernel")
     (tmp_path / "slices").mkdir()
     for i in range(3):
         np.save(tmp_path / "slices" / f"{i}.npy", rng.random((36, 36)) * 100)
@@ -351,6 +374,53 @@ def test_tighter_inner_tolerance_gives_a_smaller_hypergradient_error():
     print("relative hypergradient errors", errors)
     assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False)), errors
     assert errors[0] > 1e-2 and errors[-1] < 1e-3
+
+
+@pytest.mark.slow
+def test_tighter_inner_tolerance_gives_a_lower_training_loss_and_a_higher_test_psnr():
+    """The claim's second half (the review's [139]: accurate inner solves, +0.65 dB over a fixed
+    iteration count): β of 24 fixed 5×5 DCT filters learned on 12 denoising patches (24×24) by
+    60 Adam steps (lr 0.05) of the warm-started double loop at inner tolerances ‖∇Φ‖ ≤ 1, 1e-1,
+    1e-2; then the held-out test crops (coins, moon, clock, 64×64) are solved tightly.
+
+    Measured (tolerance: training loss at the learned β, test PSNR; the start: 0.3493, 30.80 dB):
+    1: 0.31454, 30.93 dB; 1e-1: 0.27746, 32.24; 1e-2: 0.27532, 32.17; 1e-3: 0.27531, 32.18.
+    The training loss falls at every tightening; the test PSNR rises by 1.2 dB from the loose
+    solves and then levels off (±0.1 dB below 1e-1: noise between three test images)."""
+    data = ImagingData(task="denoise", patch_size=24, patches_per_image=2, image_size=512, eval_crop=64)
+    data.setup()
+    batch = {k: v for k, v in data.train.items() if k != "index"}
+    energy = FilterEnergy(eps=0.01, beta0=-3.0)
+    filters = dct_filters(5)
+
+    def inner_loss(w: dict, x: dict, b: dict) -> torch.Tensor:
+        return energy(w["x"], b["y"], filters, x["beta"]).sum()
+
+    def outer_loss(w: dict, x: dict, b: dict) -> torch.Tensor:
+        return 0.5 * ((w["x"] - b["truth"]) ** 2).sum() / b["y"].shape[0]
+
+    problem = BilevelProblem(inner_loss, outer_loss, batched=True)
+
+    def solved(beta: torch.Tensor, part: dict) -> torch.Tensor:
+        step = 1 / energy.lipschitz(filters, beta, tuple(part["y"].shape[-2:]))
+        start = {"x": part["y"].clone()}
+        return run(OGM(step, 5000, 1e-7, batched=True), problem, start, {"beta": beta}, {"y": part["y"]}).inner["x"]
+
+    losses, psnrs = [], []
+    for tol in (1.0, 1e-1, 1e-2):
+        algorithm = ReconstructionIFT(
+            problem, inner_steps=5000, inner_tol=tol, linear_iters=200, linear_tol=1e-8, outer_lr=0.05,
+            step_bound=lambda o: energy.lipschitz(filters, o["beta"], (24, 24)),
+        )  # fmt: skip
+        state = algorithm.init({"beta": torch.zeros(24)}, {"x": batch["y"].clone()})
+        for _ in range(60):
+            state, _ = algorithm.step(state, batch, batch)
+        beta = state["outer"]["beta"]
+        losses.append(float(0.5 * (solved(beta, batch) - batch["truth"]).square().sum() / batch["y"].shape[0]))
+        psnrs.append(float(psnr(solved(beta, data.test).clamp(0, 1), data.test["truth"]).mean()))
+    print("training loss", losses, "test PSNR", psnrs)
+    assert losses[0] > losses[1] > losses[2], losses
+    assert psnrs[1] > psnrs[0] + 1.0 and psnrs[2] > psnrs[0] + 1.0, psnrs
 
 
 def test_tv_sweep_is_a_valid_search_over_the_weight():

@@ -1,10 +1,11 @@
 """Images and measurements for learned reconstruction.
 
 Built in (no download): scikit-image's bundled photographs in greyscale, split **by image**
-into training patches, validation images and held-out test images; a Shepp–Logan phantom (and
-photographs) for MRI. Local directories: BSDS-style image folders (``.png``/``.jpg``/``.tif``),
-Levin et al.'s deblurring set (``.mat`` with the sharp image ``x`` and kernel ``f``), and
-fastMRI/IXI-style slices (``.npy`` or ``.h5``, 2-D magnitude images).
+into training patches, validation images and held-out test images; for MRI, random-ellipse
+phantoms split by seed, with Shepp–Logan among the test images. Local directories: BSDS-style
+image folders (``.png``/``.jpg``/``.tif``), Levin et al.'s deblurring set (``.mat`` with the
+sharp image ``x`` and kernel ``f``), and fastMRI/IXI-style slices (``.npy`` or ``.h5``, 2-D
+magnitude images).
 
 Measurements ``y = A x + n`` are drawn once from ``noise_seed`` (the review's fixed noise
 realisations, eq. 1.4): Gaussian noise of standard deviation ``sigma`` on the [0, 1] scale
@@ -38,11 +39,15 @@ from bilevel_dist.recipes.imaging.operators import (
 
 TASKS = ("denoise", "deblur", "mri")
 SOURCES = ("photos", "phantom", "bsds", "levin", "slices")
-KERNELS = ("gaussian", "motion")
+KERNELS = ("gaussian", "motion", "file")
 #: the bundled photographs, split by image: patches come only from the training ones
 TRAIN_PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 VAL_PHOTOS = ("text", "immunohistochemistry")
 TEST_PHOTOS = ("coins", "moon", "clock")
+#: random-ellipse phantoms (source ``phantom``), split by seed; Shepp–Logan also tests
+TRAIN_PHANTOMS = tuple(range(10, 16))
+VAL_PHANTOMS = (0, 1)
+TEST_PHANTOMS = (20, 21, 22)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 _STEPS_PER_EPOCH = 1000
 
@@ -82,6 +87,33 @@ def bundled(name: str) -> Tensor:
     except ImportError as missing:
         raise ImportError("the built-in images need scikit-image: pip install 'bilevel-dist[imaging]'") from missing
     return grey(getattr(data, name)(), name)
+
+
+def ellipse_phantom(seed: int, size: int = 64, count: int = 10, oversample: int = 4) -> Tensor:
+    """A Shepp–Logan-like phantom on [0, 1]: a bright skull ring and ``count`` random ellipses
+    (intensities ±0.05–0.3), drawn at ``oversample``× and downsampled with anti-aliasing."""
+    try:
+        from skimage import transform
+    except ImportError as missing:
+        raise ImportError("the built-in phantoms need scikit-image: pip install 'bilevel-dist[imaging]'") from missing
+    rng = np.random.default_rng(seed)
+    fine = size * oversample
+    yy, xx = np.mgrid[-1 : 1 : fine * 1j, -1 : 1 : fine * 1j]
+    image = np.zeros((fine, fine))
+
+    def ellipse(cx: float, cy: float, a: float, b: float, angle: float, value: float) -> None:
+        c, s = np.cos(angle), np.sin(angle)
+        u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
+        image[(u / a) ** 2 + (v / b) ** 2 <= 1] += value
+
+    ellipse(0, 0, 0.72, 0.92, 0, 1.0)
+    ellipse(0, -0.02, 0.66, 0.86, 0, -0.7)
+    for _ in range(count):
+        ellipse(
+            rng.uniform(-0.4, 0.4), rng.uniform(-0.5, 0.5), rng.uniform(0.05, 0.25), rng.uniform(0.05, 0.3),
+            rng.uniform(0, np.pi), rng.choice([-1, 1]) * rng.uniform(0.05, 0.3),
+        )  # fmt: skip
+    return torch.from_numpy(transform.resize(np.clip(image, 0, 1), (size, size), anti_aliasing=True))
 
 
 def read_folder(root: Path, suffixes: set[str], strict: bool = False) -> list[tuple[str, Tensor]]:
@@ -150,10 +182,10 @@ class ImagingData(L.LightningDataModule):
 
     Args:
         task: ``denoise`` (A = I), ``deblur`` (circular blur) or ``mri`` (undersampled Fourier).
-        source: ``photos`` (bundled, split by image), ``phantom`` (Shepp–Logan; MRI), or a local
+        source: ``photos`` (bundled, split by image), ``phantom`` (random-ellipse phantoms split
+            by seed to train and validate; Shepp–Logan and three more to test; MRI), or a local
             ``root``: ``bsds`` (image folder with ``train``/``val``/``test`` subfolders, or one
-            folder split in order), ``levin`` (``.mat`` files, split by sharp image; measured
-            with the config's kernel, the files' own kernels not yet),
+            folder split in order), ``levin`` (``.mat`` files, split by sharp image),
             ``slices`` (``.npy``/``.h5`` MRI slices, greyscale).
         root: the local directory.
         sigma: noise standard deviation on the [0, 1] scale (25/255 in the review).
@@ -161,7 +193,10 @@ class ImagingData(L.LightningDataModule):
         image_size: the side the images are resized to (their centre square); training patches
             are cut from them.
         eval_crop: the side of the centre crop of validation and test images (``None``: whole).
-        kernel, kernel_size, kernel_sigma, kernel_angle: the blur (Gaussian or linear motion).
+        kernel, kernel_size, kernel_sigma, kernel_angle: the blur: a simulated ``gaussian`` or
+            linear ``motion`` kernel, or ``file``: Levin et al.'s own kernel number
+            ``levin_kernel`` (1–8) read from the ``im*_ker{levin_kernel}.mat`` files, which then
+            are the images (a sweep over ``levin_kernel`` covers their 4 images × 8 kernels).
         mask, rate, mask_seed: the MRI sampling (``cartesian``, ``gaussian``, ``radial``; the
             fraction of k-space kept, in (0, 1]).
         noise_seed, patch_seed: the measurement noise and patch positions.
@@ -182,6 +217,7 @@ class ImagingData(L.LightningDataModule):
         kernel_size: int = 9,
         kernel_sigma: float = 1.6,
         kernel_angle: float = 30.0,
+        levin_kernel: int = 1,
         mask: str = "gaussian",
         rate: float = 0.3,
         mask_seed: int = 0,
@@ -197,6 +233,10 @@ class ImagingData(L.LightningDataModule):
             raise ConfigError("root", f"source {source!r} needs root, an existing directory; got {root!r}")
         if kernel not in KERNELS:
             raise ConfigError("kernel", f"unknown kernel {kernel!r}; choose one of {list(KERNELS)}")
+        if kernel == "file" and source != "levin":
+            raise ConfigError("kernel", "kernel: file reads Levin et al.'s kernels; it needs source: levin")
+        self.levin_kernel = setting("levin_kernel", positive_int, levin_kernel)
+        self._file_kernel: Tensor | None = None
         if mask not in MASKS:
             raise ConfigError("mask", f"unknown mask {mask!r}; choose one of {list(MASKS)}")
         if not isinstance(rate, (int, float)) or not 0 < rate <= 1:
@@ -215,7 +255,7 @@ class ImagingData(L.LightningDataModule):
             raise ConfigError("patch_size", f"patch_size {patch_size} exceeds image_size {image_size}")
         self.kernel_name, self.kernel_size = kernel, kernel_size
         self.kernel_sigma, self.kernel_angle = kernel_sigma, kernel_angle
-        if task == "deblur":
+        if task == "deblur" and kernel != "file":  # a file's kernel is checked when it is read
             smallest = min(self.patch_size, self.eval_crop or self.image_size)
             if kernel_size > smallest:
                 raise ConfigError(
@@ -235,6 +275,9 @@ class ImagingData(L.LightningDataModule):
 
     # -- the forward model -------------------------------------------------------------------
     def blur_kernel(self) -> Tensor:
+        if self.kernel_name == "file":
+            assert self._file_kernel is not None, "setup() reads the kernel"
+            return self._file_kernel
         if self.kernel_name == "gaussian":
             return gaussian_kernel(self.kernel_size, self.kernel_sigma)
         return motion_kernel(self.kernel_size, self.kernel_angle)
@@ -276,17 +319,20 @@ class ImagingData(L.LightningDataModule):
                 test = [("shepp_logan_phantom", resize(bundled("shepp_logan_phantom"), side))] + test[:1]
             return train, val, test
         if self.source == "phantom":
-            phantom = resize(bundled("shepp_logan_phantom"), side)
+            seeds = TRAIN_PHANTOMS[: self.train_images] if self.train_images else TRAIN_PHANTOMS
             return (
-                [resize(bundled(n), side) for n in TRAIN_PHOTOS],
-                [phantom.flip(1)],
-                [("shepp_logan_phantom", phantom)],
+                [ellipse_phantom(seed, side) for seed in seeds],
+                [ellipse_phantom(seed, side) for seed in VAL_PHANTOMS],
+                [("shepp_logan_phantom", resize(bundled("shepp_logan_phantom"), side))]
+                + [(f"ellipses_{seed}", ellipse_phantom(seed, side)) for seed in TEST_PHANTOMS],
             )
         assert self.root is not None
         if self.source == "levin":
             # one file per (image, kernel): split by the sharp image (the stem before "_ker")
-            found = [(n.split("_ker")[0], resize(x, side)) for n, x, _ in read_levin(self.root)]
-            return _split_by_name(found)
+            files = read_levin(self.root)
+            if self.kernel_name == "file":
+                files = self._with_file_kernel(files)
+            return _split_by_name([(n.split("_ker")[0], resize(x, side)) for n, x, _ in files])
         else:
             suffixes = {".npy", ".h5"} if self.source == "slices" else _IMAGE_SUFFIXES
             splits = [self.root / s for s in ("train", "val", "test")]
@@ -304,6 +350,24 @@ class ImagingData(L.LightningDataModule):
             )
         n_test = max(1, len(found) // 5)
         return [x for _, x in found[: -2 * n_test]], [x for _, x in found[-2 * n_test : -n_test]], found[-n_test:]
+
+    def _with_file_kernel(self, files: list[tuple[str, Tensor, Tensor]]) -> list[tuple[str, Tensor, Tensor]]:
+        """The files blurred by kernel number ``levin_kernel``; that kernel becomes ``A``'s. The
+        images are resized, the kernel is not: its pixels are the resized image's."""
+        mine = [f for f in files if f[0].split("_ker")[-1] == str(self.levin_kernel)]
+        if not mine:
+            numbers = sorted({n.split("_ker")[-1] for n, _, _ in files})
+            raise ConfigError("levin_kernel", f"no im*_ker{self.levin_kernel}.mat file; the kernels here: {numbers}")
+        kernel = mine[0][2]
+        smallest = min(self.patch_size, self.eval_crop or self.image_size)
+        if max(kernel.shape) > smallest:
+            raise ConfigError(
+                "levin_kernel",
+                f"kernel {self.levin_kernel} is {kernel.shape[0]}x{kernel.shape[1]}, larger than the "
+                f"{smallest}x{smallest} images it blurs",
+            )
+        self._file_kernel = kernel
+        return mine
 
     def patches(self, images: list[Tensor]) -> Tensor:
         """``patches_per_image`` random ``patch_size`` crops of each image, ``(J, 1, p, p)``."""
@@ -379,4 +443,14 @@ class _Steps(Dataset):
         return self.data.batch()
 
 
-__all__ = ["SOURCES", "TASKS", "ImagingData", "bundled", "grey", "read_folder", "read_levin", "resize"]
+__all__ = [
+    "SOURCES",
+    "TASKS",
+    "ImagingData",
+    "bundled",
+    "ellipse_phantom",
+    "grey",
+    "read_folder",
+    "read_levin",
+    "resize",
+]

@@ -12,7 +12,6 @@ per image, a figure (truth / measured / TV / learned) and the learned filters.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.recipes.imaging.algorithm import ReconstructionIFT
 from bilevel_dist.recipes.imaging.energies import FilterEnergy, dct_filters, tv_filters
 from bilevel_dist.recipes.imaging.metrics import scores
+from bilevel_dist.recipes.imaging.report import write_scores
 from bilevel_dist.solvers import OGM, run
 from bilevel_dist.tree import Tree
 
@@ -306,53 +306,13 @@ class LearnedReconstruction(BilevelModule):
 
     def write(self, out: Path, methods: dict[str, dict[str, Tensor]], truth: Tensor) -> None:
         """The per-image CSV, the test figure and the filters' image, and the table printed."""
-        names = self.data.test_names
-        with open(out / "test_images.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["image", "method", "psnr_db", "ssim"])
-            for method, scored in methods.items():
-                for i, name in enumerate(names):
-                    writer.writerow(
-                        [name, method, f"{float(scored['psnr'][i]):.4f}", f"{float(scored['ssim'][i]):.5f}"]
-                    )
-        figure = reconstruction_grid(truth, methods, names, out / "reconstructions.png")
-        log_image(self.loggers, "reconstructions", figure)
+        setting = f"{self.data.task}, {self.regulariser}, learn={self.learn}"
+        heading = f"learned reconstruction ({setting}) on the test images"
+        lines = write_scores(out, methods, truth, self.data.test_names, self.loggers, heading)
         filters, beta = self.parameters_of(self.outer)
         shown = filters_image(filters, beta, self.beta0, out / "filters.png")
         log_image(self.loggers, "filters", shown)
-        lines = [
-            f"learned reconstruction ({self.data.task}, {self.regulariser}, learn={self.learn}) on the test images"
-        ]
-        lines += ["  method     PSNR dB  SSIM"]
-        for method, scored in methods.items():
-            lines.append(f"  {method:9s}  {float(scored['psnr'].mean()):7.2f}  {float(scored['ssim'].mean()):.4f}")
-        lines.append(f"  per image: {out / 'test_images.csv'}; figure: {figure}; filters: {shown}")
-        rank_zero_info("\n".join(lines))
-
-
-def reconstruction_grid(truth: Tensor, methods: dict[str, dict[str, Tensor]], names: list[str], path: Path) -> Path:
-    """A PNG: one row per test image, columns truth and each method, titled with PSNR/SSIM."""
-    plt = pyplot()
-    columns = [("truth", truth, None)] + [(m, s["x"], s) for m, s in methods.items()]
-    rows = truth.shape[0]
-    fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.3 * rows), squeeze=False)
-    for i in range(rows):
-        for j, (label, images, scored) in enumerate(columns):
-            ax = axes[i][j]
-            ax.imshow(images[i, 0].detach().float().clamp(0, 1).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            title = (
-                label
-                if scored is None
-                else f"{label}\n{float(scored['psnr'][i]):.2f} dB / {float(scored['ssim'][i]):.3f}"
-            )
-            ax.set_title(title, fontsize=8)
-        axes[i][0].set_ylabel(names[i], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        rank_zero_info("\n".join([*lines, f"  filters: {shown}"]))
 
 
 def filters_image(filters: Tensor, beta: Tensor, beta0: float, path: Path) -> Path:
@@ -378,4 +338,4 @@ def filters_image(filters: Tensor, beta: Tensor, beta0: float, path: Path) -> Pa
     return path
 
 
-__all__ = ["LearnedReconstruction", "filters_image", "reconstruction_grid"]
+__all__ = ["LearnedReconstruction", "filters_image"]
