@@ -451,5 +451,28 @@ class FilterEnergy:
         bound = math.exp(self.beta0) / self.eps * float((torch.exp(beta.detach()) * l1 * l1).sum())
         return self.operator.norm_squared(shape, like) + bound
 
+    def minimise(
+        self, y: Tensor, filters: Tensor, beta: Tensor, steps: int, tol: float, x0: Tensor | None = None
+    ) -> Tensor:
+        """``x̂ = argmin_x Φ(x; c, β, y)`` of every image of ``y`` at once: OGM with gradient
+        restart (:class:`~bilevel_dist.solvers.OGM`, per image), step ``1/L`` from (4.19), from
+        ``x0`` (default ``Aᴴy``) until each image's ``‖∇_x Φ‖ ≤ tol`` or ``steps`` steps."""
+        from bilevel_dist.problem import BilevelProblem
+        from bilevel_dist.solvers import OGM, run
+
+        with torch.inference_mode(False), torch.enable_grad():  # callers may evaluate without grad
+            filters, beta = filters.detach(), beta.detach()
+
+            def loss(inner: dict, params: dict, batch: Any) -> Tensor:
+                return self(inner["x"], y, filters, params["beta"]).sum()
+
+            problem = BilevelProblem(loss, loss, batched=True)
+            start = self.operator.adjoint(y).to(filters.dtype) if x0 is None else x0
+            bound = self.lipschitz(filters, beta, tuple(y.shape[-2:]))
+            end = run(
+                OGM(1 / bound, steps, tol, batched=True), problem, {"x": start.detach().clone()}, {"beta": beta}, None
+            )
+        return end.inner["x"].detach()
+
 
 __all__ = ["FilterEnergy", "correlate", "cr1n", "dct_filters", "tv_filters"]

@@ -73,35 +73,6 @@ def energy_gradient(energy: FilterEnergy, x: Tensor, y: Tensor, filters: Tensor,
     return x - y + correlate_adjoint(slope, filters)
 
 
-@torch.no_grad()
-def minimise_energy(
-    energy: FilterEnergy,
-    y: Tensor,
-    filters: Tensor,
-    beta: Tensor,
-    iterations: int = 5000,
-    tol: float = 1e-10,
-    x0: Tensor | None = None,
-) -> Tensor:
-    """``x(θ) = argmin_x Φ(x; θ, y)`` per image by Nesterov's method for ``μ``-strongly convex,
-    ``L``-smooth functions (``μ = 1``, ``L`` from (4.19), step ``1/L``, momentum
-    ``(√L − 1)/(√L + 1)``); stops once every image has ``‖∇Φ‖ ≤ tol`` (so ``Φ − min Φ ≤ tol²/2``)."""
-    _check_denoising(energy)
-    filters, beta = filters.detach(), beta.detach()
-    lip = energy.lipschitz(filters, beta, tuple(y.shape[-2:]))
-    momentum = (math.sqrt(lip) - 1) / (math.sqrt(lip) + 1)
-    x = (y if x0 is None else x0).clone()
-    z = x.clone()
-    for _ in range(iterations):
-        grad = energy_gradient(energy, z, y, filters, beta)
-        if grad.flatten(1).norm(dim=1).max() <= tol:
-            return z
-        x_next = z - grad / lip
-        z = x_next + momentum * (x_next - x)
-        x = x_next
-    return x
-
-
 def upper_loss(x_star: Tensor, x: Tensor) -> Tensor:
     """The upper-level loss ``l(x*, x) = ½‖x* − x‖²`` per image."""
     return 0.5 * (x_star - x).flatten(1).square().sum(1)
@@ -319,7 +290,7 @@ def train_majorizer(
 
     ``iterative_steps = n > 0`` (Bregman only) runs ``n`` outer steps of (4.22)–(4.23): ``x̄_i ← x_i*``;
     each step minimises ``Σ_i Φ(x̄_i; θ) + Φ*(x̄_i − x_i*; θ)`` jointly with its duals by ``iterations``
-    Adam steps from the current ``θ``, then sets ``x̄_i ← x_i(θ)`` (:func:`minimise_energy`). A step
+    Adam steps from the current ``θ``, then sets ``x̄_i ← x_i(θ)`` (:meth:`FilterEnergy.minimise`). A step
     that increases the upper loss ``Σ_i ½‖x_i* − x̄_i‖²`` is retried with half the learning rates,
     at most ``backtracking`` times, after which the scheme stops at the last accepted ``θ``. The first
     step is the Bregman surrogate training (Corollary 4.9).
@@ -339,7 +310,7 @@ def train_majorizer(
     filters, beta = filters.detach().clone(), beta.detach().clone()
 
     def solve(data: Tensor, f: Tensor, b: Tensor) -> Tensor:
-        return minimise_energy(energy, data, f, b, inner_iterations, inner_tol)
+        return energy.minimise(data, f, b, inner_iterations, inner_tol)
 
     x_hat = solve(noisy, filters, beta) if surrogate == "bregman" else None
     if iterative_steps == 0:
@@ -429,7 +400,6 @@ __all__ = [
     "energy_gradient",
     "gradient_penalty",
     "iterative_surrogate",
-    "minimise_energy",
     "optimal_dual",
     "scaling_loss",
     "scaling_majorizer",

@@ -23,12 +23,10 @@ from torch import Tensor
 from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting
 from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.lightning import BilevelModule
-from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.recipes.imaging.algorithm import ReconstructionIFT
 from bilevel_dist.recipes.imaging.energies import FilterEnergy, dct_filters, tv_filters
 from bilevel_dist.recipes.imaging.metrics import scores
 from bilevel_dist.recipes.imaging.report import write_scores
-from bilevel_dist.solvers import OGM, run
 from bilevel_dist.tree import Tree
 
 REGULARISERS = ("filters", "tv")
@@ -224,27 +222,16 @@ class LearnedReconstruction(BilevelModule):
         """The lower-level solution of every measurement in ``y`` at ``outer`` (OGM from ``Aᴴy``
         to ``‖∇Φ‖ ≤ tol`` per image, all images at once); ``regulariser="tv"`` solves TV at
         ``tv_beta0`` instead."""
-        with torch.inference_mode(False), torch.enable_grad():  # evaluation runs in inference mode
-            outer = {k: v.detach().clone() for k, v in outer.items()}
-            like = next(iter(outer.values()))
-            side = y.shape[-1]
-            energy = self.energy(side)
-            if regulariser == "tv":
-                energy = FilterEnergy(energy.operator, self.eps, float(self.tv_beta0))
-                outer = {"beta": torch.zeros(2, dtype=like.dtype, device=like.device)}
-                filters = tv_filters(like.dtype).to(like.device)
-            else:
-                filters, _ = self.parameters_of(outer)
-            y = _like(y, like).clone()
-
-            def loss(inner: Tree, params: Tree, batch: Any) -> Tensor:
-                return energy(inner["x"], y, filters, params["beta"]).sum()
-
-            problem = BilevelProblem(loss, loss, batched=True)
-            bound = energy.lipschitz(filters, outer["beta"], (side, side))
-            start = {"x": energy.operator.adjoint(y).to(like.dtype)}
-            end = run(OGM(1 / bound, steps, tol, batched=True), problem, start, outer, None)
-        return end.inner["x"].detach()
+        outer = {k: v.detach() for k, v in outer.items()}
+        like = next(iter(outer.values()))
+        energy = self.energy(y.shape[-1])
+        if regulariser == "tv":
+            energy = FilterEnergy(energy.operator, self.eps, float(self.tv_beta0))
+            outer = {"beta": torch.zeros(2, dtype=like.dtype, device=like.device)}
+            filters = tv_filters(like.dtype).to(like.device)
+        else:
+            filters, _ = self.parameters_of(outer)
+        return energy.minimise(_like(y, like), filters, outer["beta"], steps, tol)
 
     def evaluate(self, split: str) -> dict[str, Tensor]:
         """PSNR and SSIM of the learned reconstruction of every ``split`` image (all ranks alike)."""
