@@ -1,0 +1,275 @@
+"""Witches' Brew (thesis ch. 6; ``shared/reference/geiping-thesis.md`` §4.5, tests 1–4 and 6):
+the constraint set after every step, the exact double-backward gradient of the alignment loss,
+restart selection, Remark 6.2's sanity case, and the CPU mechanism toy (Gaussian blobs, MLP
+64-128-128-10, 1% poisons). Figures in comments were measured with torch 2.13 on CPU, one thread.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bilevel_dist._checks import ConfigError
+from bilevel_dist.recipes.security import (
+    Augmentation,
+    alignment_loss,
+    apply_poison,
+    attack_case,
+    augment,
+    blobs,
+    brew,
+    choose_case,
+    digits,
+    success_rate,
+    target_gradient,
+    train_victims,
+)
+from bilevel_dist.recipes.security.witches_brew import decay_milestones, parameters, project
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small matrices and many steps: a second OpenMP thread on a busy 2-core machine only adds
+    contention, so one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU, dtype: torch.dtype = torch.float32):
+    """A factory of ``Linear``-``activation`` stacks of ``sizes``."""
+
+    def factory() -> nn.Module:
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b, dtype=dtype))
+            if i < len(sizes) - 2:
+                layers.append(activation())
+        return nn.Sequential(*layers)
+
+    return factory
+
+
+# -- data and cases ------------------------------------------------------------------------------
+
+
+def test_blobs_are_the_toy_and_deterministic():
+    x, y, x_test, y_test = blobs(0)
+    assert x.shape == (2000, 64) and x.dtype == torch.float32 and x_test.shape == (1000, 64)
+    assert torch.equal(torch.bincount(y), torch.full((10,), 200))
+    again = blobs(0, dtype=torch.float64)
+    assert torch.equal(again[1], y) and torch.allclose(again[0].float(), x, atol=0, rtol=0)
+    assert not torch.equal(blobs(1)[0], x)
+    # noise N(0, I) around the class means: the within-class variance per coordinate is about 1
+    centred = x - torch.stack([x[y == c].mean(0) for c in range(10)])[y]
+    assert abs(float(centred.var()) - 1.0) < 0.02
+
+
+def test_digits_images_and_flat():
+    x, y, x_test, y_test = digits(0)
+    assert x.shape == (1500, 1, 8, 8) and x_test.shape == (297, 1, 8, 8)
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    flat = digits(0, images=False)
+    assert flat[0].shape == (1500, 64) and torch.equal(flat[0], x.flatten(1)) and torch.equal(flat[1], y)
+
+
+def test_choose_case():
+    x, y, x_test, y_test = blobs(0)
+    predicted = y_test.clone()
+    predicted[::2] = (y_test[::2] + 1) % 10  # even test points "misclassified"
+    case = choose_case(y, y_test, predicted, budget=0.01, seed=3)
+    assert case.target % 2 == 1 and case.label == int(y_test[case.target]) and case.adversarial != case.label
+    assert len(case.poisons) == 20 and bool((y[case.poisons] == case.adversarial).all())
+    assert torch.equal(case.poisons, case.poisons.sort().values) and len(case.poisons.unique()) == 20
+    again = choose_case(y, y_test, predicted, budget=0.01, seed=3)
+    assert again.target == case.target and torch.equal(again.poisons, case.poisons)
+    fixed = choose_case(y, y_test, budget=0.05, seed=0, target=7, adversarial=(int(y_test[7]) + 1) % 10)
+    assert fixed.target == 7 and len(fixed.poisons) == 100
+
+
+@pytest.mark.parametrize(
+    ("call", "key"),
+    [
+        (lambda d: choose_case(d[1], d[3], budget=1.5), "budget"),
+        (lambda d: choose_case(d[1], d[3], budget=0.0), "budget"),
+        (lambda d: choose_case(d[1], d[3], budget=0.5), "budget"),  # 1000 poisons, class has 200
+        (lambda d: choose_case(d[1], d[3], target=1000), "target"),
+        (lambda d: choose_case(d[1], d[3], target=-1), "target"),
+        (lambda d: choose_case(d[1], d[3], target=0, adversarial=int(d[3][0])), "adversarial"),
+        (lambda d: attack_case(mlp((64, 10)), *d, eps=0.0), "eps"),
+        (lambda d: attack_case(mlp((64, 10)), *d, eps=-1.0), "eps"),
+        (lambda d: attack_case(mlp((64, 10)), *d, eps=1.0, budget=2.0), "budget"),
+        (lambda d: attack_case(mlp((64, 10)), *d, eps=float("inf")), "eps"),
+    ],
+)
+def test_bad_input_names_the_key(call, key):
+    data = blobs(0, n_train=400, n_test=50)
+    with pytest.raises(ConfigError) as error:
+        call(data)
+    assert error.value.key == key
+
+
+def test_brew_rejects_bad_settings_before_work():
+    model = mlp((4, 3), dtype=torch.float64)()
+    x, y = torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)
+    for kwargs, key in [
+        ({"eps": 0.0}, "eps"),
+        ({"eps": 1.0, "restarts": 0}, "restarts"),
+        ({"eps": 1.0, "lr": 0}, "lr"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            brew(model, parameters(model), x[:1], y[:1], x, y, **kwargs)
+        assert error.value.key == key
+
+
+# -- the alignment loss ----------------------------------------------------------------------------
+
+
+def test_alignment_double_backward_passes_gradcheck():
+    """``∂B/∂Δ`` through ``∇_θ`` of the poisons (the double backward) against central finite
+    differences: float64, a 2-layer MLP 5-7-3 (tanh, smooth), 3 poisons, with and without the
+    bilinear augmentation (4×4 images, fractional shifts and a flip)."""
+    torch.manual_seed(0)
+    model = mlp((5, 7, 3), nn.Tanh, torch.float64)()
+    theta = parameters(model)
+    x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    target = target_gradient(model, theta, torch.randn(1, 5), torch.tensor([1]))
+    delta = (0.3 * torch.randn(3, 5)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda d: alignment_loss(model, theta, target, x, y, d), (delta,))
+
+    image_model = mlp((16, 7, 3), nn.Tanh, torch.float64)()
+    theta = parameters(image_model)
+    images = torch.rand(3, 1, 4, 4)
+    target = target_gradient(image_model, theta, torch.rand(1, 1, 4, 4), torch.tensor([2]))
+    draws = torch.tensor([[0.3, -0.7, 1.0], [-1.2, 0.4, 0.0], [0.5, 0.5, 1.0]])
+    delta = (0.1 * torch.randn(3, 1, 4, 4)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda d: alignment_loss(image_model, theta, target, images, y, d, draws=draws), (delta,)
+    )
+
+
+def test_remark_6_2_poison_equal_to_target_aligns_exactly():
+    """With ε large and one poison of the adversarial label, ``x_p + Δ = x_t`` makes the poison's
+    gradient the target's adversarial gradient: B = 0 (measured 0 to 1e-16), a minimum (its
+    gradient vanishes), and B > 0 elsewhere (measured ≥ 1e-3 at 0.1 perturbations)."""
+    torch.manual_seed(1)
+    model = mlp((6, 8, 4), nn.Tanh, torch.float64)()
+    theta = parameters(model)
+    x_target, adversarial = torch.randn(1, 6), torch.tensor([2])
+    x_poison = torch.randn(1, 6)
+    target = target_gradient(model, theta, x_target, adversarial)
+    at_target = project(x_target - x_poison, x_poison, 1e6).requires_grad_()
+    b = alignment_loss(model, theta, target, x_poison, adversarial, at_target)
+    (slope,) = torch.autograd.grad(b, at_target)
+    assert abs(float(b.detach())) < 1e-12 and float(slope.abs().max()) < 1e-7
+    elsewhere = at_target.detach() + 0.1 * torch.randn(16, 1, 6)
+    others = torch.stack([alignment_loss(model, theta, target, x_poison, adversarial, d) for d in elsewhere])
+    assert float(others.min()) > 1e-4
+    assert float(alignment_loss(model, theta, target, x_poison, adversarial, torch.zeros(1, 6))) > 1e-3
+
+
+def test_augment_whole_pixel_shift_and_flip_are_exact():
+    images = torch.rand(2, 1, 5, 6)
+    draws = torch.tensor([[1.0, 0.0, 0.0], [0.0, -2.0, 1.0]])
+    out = augment(images, draws)
+    right = torch.zeros_like(images[0])
+    right[..., 1:] = images[0, ..., :-1]  # content one pixel to the right, zeros come in
+    up = torch.zeros_like(images[1])
+    up[..., :-2, :] = images[1, ..., 2:, :]
+    assert torch.allclose(out[0], right, atol=1e-12)
+    assert torch.allclose(out[1], up.flip(-1), atol=1e-12)
+
+
+# -- the brew ------------------------------------------------------------------------------------
+
+
+def test_projection_invariants_after_every_step():
+    """Digits images on [0, 1], ε = 0.1 (large enough that the box binds), differentiable
+    augmentation: after the initial projection and every one of M = 12 steps, ‖Δ‖∞ ≤ ε, x + Δ in
+    the box (up to one rounding; exactly after :func:`apply_poison`'s clamp), and every row
+    but the poisons' is the clean row bit for bit. The loop over restarts gives the same Δ."""
+    x, y, x_test, y_test = digits(0, dtype=torch.float64)
+    model = mlp((64, 16, 10), dtype=torch.float64)()
+    theta = parameters(model)
+    poisons = (y == 3).nonzero().flatten()[:5]
+    eps, box, seen = 0.1, (0.0, 1.0), []
+    others = torch.ones(len(x), dtype=torch.bool)
+    others[poisons] = False
+
+    def check(step: int, delta: torch.Tensor) -> None:
+        seen.append(step)
+        assert delta.shape == (3, 5, 1, 8, 8)
+        assert float(delta.abs().max()) <= eps + 1e-12
+        moved = x[poisons] + delta
+        assert float(moved.min()) >= -1e-12 and float(moved.max()) <= 1 + 1e-12
+        for d in delta:  # one per restart
+            poisoned = apply_poison(x, poisons, d, box)
+            assert float(poisoned.min()) >= 0.0 and float(poisoned.max()) <= 1.0
+            assert torch.equal(poisoned[others], x[others])
+
+    settings = dict(eps=eps, restarts=3, steps=12, lr=0.05, box=box, augmentation=Augmentation(shift=1.0), seed=4)
+    result = brew(model, theta, x_test[:1], torch.tensor([3]), x[poisons], y[poisons], callback=check, **settings)
+    assert seen == list(range(13))
+    touching = (x[poisons] + result.deltas).isclose(torch.tensor(0.0), atol=1e-12) & (result.deltas < 0)
+    assert bool(touching.any())  # the box was active, not only the ε-ball
+    looped = brew(model, theta, x_test[:1], torch.tensor([3]), x[poisons], y[poisons], vectorise=False, **settings)
+    assert torch.allclose(looped.deltas, result.deltas, atol=1e-10)
+
+
+def test_step_decay_milestones():
+    assert decay_milestones(250) == [93, 156, 218]  # 3/8, 5/8, 7/8 as the code's M // 2.667 ...
+    assert decay_milestones(8) == [2, 4, 7]  # the code's float floor: 8 // 1.6 is 4.0
+
+
+# -- victims and success -------------------------------------------------------------------------
+
+
+def test_vectorised_victims_equal_the_sgd_loop():
+    """``vmap`` over ``stack_module_state`` with the hand-written Nesterov update gives the
+    victims that ``torch.optim.SGD(nesterov=True)`` trains one by one (float64, 2 epochs of 7
+    minibatches, a step decay after epoch 1): agreement to 1e-12, and distinct seeds give distinct
+    victims."""
+    x, y, _, _ = blobs(0, n_train=200, n_test=10, dim=8, dtype=torch.float64)
+    kwargs = dict(epochs=2, batch_size=32, lr=0.1, milestones=(1,))
+    together = train_victims(mlp((8, 16, 10), dtype=torch.float64), x, y, [3, 5], **kwargs)
+    looped = train_victims(mlp((8, 16, 10), dtype=torch.float64), x, y, [3, 5], vectorise=False, **kwargs)
+    for k in together.params:
+        assert torch.allclose(together.params[k], looped.params[k], atol=1e-12, rtol=0)
+    first = together.params["1.weight"]
+    assert not torch.allclose(first[0], first[1])
+    fresh = mlp((8, 16, 10), dtype=torch.float64)
+    untrained = train_victims(fresh, x, y, [3], epochs=1, lr=1e-300)  # no move: the seed's init
+    torch.manual_seed(3)
+    assert torch.equal(untrained.params["1.weight"][0], fresh()[1].weight.detach())
+
+
+def test_success_rate_mean_and_standard_error_over_cases():
+    hits = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    mean, se = success_rate(hits)
+    assert mean == pytest.approx(0.5) and se == pytest.approx(0.5 / math.sqrt(3))
+    assert success_rate(torch.tensor([1, 1, 0, 1], dtype=torch.bool)) == (0.75, 0.0)
+
+
+def test_toy_poisons_flip_the_target():
+    """The thesis's CPU mechanism test: blobs in 64-D (seed 0), MLP 64-128-128-10 trained 15
+    epochs (SGD Nesterov, lr 0.05, batch 64, wd 5e-4, float32), 20 poisons (1%), ε = 1.0 (about
+    one noise std: a mechanism test, not an imperceptible one), R = 4, M = 250, signed Adam
+    lr 0.4ε; the clean model from seed 10 000, the victims from seeds 0–7. Measured: target 877
+    (class 0 → 1); B from 0.70–0.79 at Δ_0 to 0.062–0.074, best 0.062; the target flips on 8/8
+    poisoned victims and on 0/8 clean ones, the poisoned victims' test accuracy 0.685 (the
+    reference: 8/8 vs 0/8, best B 0.07–0.12). Data seeds 1–4 gave 8/8 vs 0/8 too (best B
+    0.062–0.116); ε = 0.5 gave 4, 4, 1 of 8 on seeds 0–2 and ε = 0.25 gave 0/8. About 8 s on one
+    thread."""
+    x, y, x_test, y_test = blobs(0)
+    result = attack_case(
+        mlp((64, 128, 128, 10)), x, y, x_test, y_test, eps=1.0, budget=0.01, seed=0, restarts=4, steps=250, lr=0.4
+    )
+    brewed = result.brew
+    assert len(result.case.poisons) == 20 and float(brewed.delta.abs().max()) <= 1.0 + 1e-6
+    assert bool((brewed.final < brewed.initial).all())  # every restart descends
+    assert brewed.best == int(brewed.final.argmin()) and torch.equal(brewed.delta, brewed.deltas[brewed.best])
+    assert float(brewed.final.min()) < 0.2
+    assert int(result.poisoned.sum()) >= 6 and int(result.clean.sum()) <= 1
+    assert float(result.accuracy.mean()) > 0.6  # the victims still learn the task (clean: 0.68)
