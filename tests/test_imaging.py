@@ -250,7 +250,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         (["--model.filter_size", "35"], "model.init_args.filter_size"),
     ]
     for extra, key in cases:
-        assert main([*fit, "--trainer.default_root_dir", str(tmp_path), *extra]) == 2, key
+        where = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+        assert main([*fit, *where, *extra]) == 2, key
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and "Traceback" not in err, err

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -305,10 +306,14 @@ class Setting:
             raise ConfigError("bound", f"the trigger bound is > 0, got {self.bound!r}")
 
 
-def run_seed(setting: Setting = Setting(), seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+def run_seed(
+    setting: Setting = Setting(), seed: int = 0, dtype: torch.dtype = torch.float32, victims: bool = False
+) -> dict[str, dict] | tuple[dict[str, dict], dict[str, Any]]:
     """Clean, heuristic and BLO victims for one seed (data split, measurement mask and noise,
     poisoned rows, initialisations): ``{method: {"benign", "attack", "artefact"}}`` on the test
-    set. The clean model's attack error uses the heuristic trigger; its artefact is ``None``."""
+    set. The clean model's attack error uses the heuristic trigger; its artefact is ``None``.
+    ``victims=True`` also returns what a figure shows: the test inputs ``z``, truths ``x``, the
+    target, and per method the trained model and its trigger."""
     x, _, x_test, _ = digits(seed, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     measure = Measurement(pixel_mask(setting.keep, seed, dtype=dtype), setting.noise)
@@ -318,7 +323,7 @@ def run_seed(setting: Setting = Setting(), seed: int = 0, dtype: torch.dtype = t
     rows = poisoned_rows(len(z), setting.ratio, g)
     heuristic = setting.bound * mask
     trigger, train_target = blo_trigger(z, x, target, mask, setting.ratio, setting.bound, seed, setting.blo)
-    results = {}
+    results, models, triggers = {}, {}, {}
     for name, (delta, delta_tr) in {
         "clean": (heuristic, None),
         "heuristic": (heuristic, target),
@@ -327,7 +332,10 @@ def run_seed(setting: Setting = Setting(), seed: int = 0, dtype: torch.dtype = t
         zp, xp = (z, x) if delta_tr is None else poison(z, x, rows, delta, delta_tr)
         model = train(zp, xp, seed + 1, epochs=setting.epochs)  # the victim: fresh init, same for all three
         results[name] = evaluate(model, z_test, x_test, delta, target, attacked=delta_tr is not None)
-    return results
+        models[name], triggers[name] = model, delta
+    if not victims:
+        return results
+    return results, {"z": z_test, "x": x_test, "target": target, "models": models, "triggers": triggers}
 
 
 def average(runs: list[dict[str, dict]]) -> dict[str, dict]:

@@ -1,0 +1,397 @@
+"""Security audits from the command line: ``bilevel-dist test --config recipes/security/….yaml``.
+
+- :class:`WitchesBrewAudit`: the thesis's poisoning protocol (ch. 6) per case — train a clean
+  model, brew poisons at it (:func:`~.witches_brew.attack_case`), retrain victims from scratch on
+  the poisoned and on the clean set — and the success rate over cases ± its standard error.
+- :class:`BackdoorAudit`: the digits backdoor experiment (:mod:`.backdoor`): clean, heuristic and
+  BLO victims per seed, their benign / attack / artefact RMSE.
+
+Both are audits, not trainable models: every training (clean model, brew, victims) happens
+inside ``test``, from the seeds, so ``test`` needs no checkpoint and ``fit`` has nothing to fit
+(it exits 2 naming ``model.class_path`` and pointing to ``test``). The dataset is a setting of
+the audit, so that a target index outside the test set is caught at construction; the CLI's
+``data:`` section is :class:`SecurityData`, one placeholder batch that runs the audit once. The
+test writes its CSV and PNG to the log directory and logs its summary metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting
+from bilevel_dist.figures import log_image, pyplot
+from bilevel_dist.recipes.security import backdoor
+from bilevel_dist.recipes.security.data import DATASETS, choose_case, load
+from bilevel_dist.recipes.security.witches_brew import CaseResult, attack_case, success_rate, train_victims
+
+TRAINING_SETTINGS = {"epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones"}
+BLO_SETTINGS = set(backdoor.BLOConfig.__dataclass_fields__)
+
+
+def mlp(sizes: Sequence[int]) -> Callable[[], nn.Module]:
+    """A factory of ``Flatten``-``Linear``-``ReLU`` stacks of ``sizes`` (no ReLU after the last)."""
+
+    def factory() -> nn.Module:
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    return factory
+
+
+class SecurityData(L.LightningDataModule):
+    """The placeholder data of an audit: one test batch, on which the audit runs once (the
+    audit's own ``dataset`` setting holds the data it attacks)."""
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader([torch.zeros(1)], batch_size=None)
+
+
+class _Audit(L.LightningModule):
+    """What both audits share: one dummy test batch (the audit runs once, in ``test_step``),
+    nothing to fit, and the output directory."""
+
+    def __init__(self, results_dir: str | None = None) -> None:
+        super().__init__()
+        self.results_dir = results_dir
+        self.results: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._nothing_to_fit()
+
+    def _nothing_to_fit(self) -> None:
+        name = type(self).__name__
+        raise ConfigError("model.class_path", f"{name} trains its models inside the audit; run `bilevel-dist test`")
+
+    # defined so that Lightning's loop check passes and `fit` reaches setup's one-line error
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._nothing_to_fit()
+
+    def configure_optimizers(self) -> None:
+        self._nothing_to_fit()
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader([torch.zeros(1)], batch_size=None)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        # Lightning tests under inference mode; the audit trains, so gradients back on
+        with torch.inference_mode(False), torch.enable_grad():
+            self.audit()
+
+    def audit(self) -> None:
+        raise NotImplementedError
+
+    def out_dir(self) -> Path:
+        out = Path(self.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+
+class WitchesBrewAudit(_Audit):
+    """Witches' Brew (clean-label poisoning by gradient alignment) over ``cases`` poison-target
+    cases on a classifier trained from scratch.
+
+    Args:
+        dataset: ``blobs`` (the thesis's CPU toy), ``digits``, or ``mnist``/``cifar10`` from ``root``.
+        data_seed: the data draw (blobs) or split (digits).
+        eps: the poisons' bound ``‖Δ‖∞ ≤ ε`` (input units; images also stay on [0, 1]).
+        budget: the poisoned fraction of the training set, in (0, 1].
+        target: the target test index (every case attacks it), or ``None``: each case draws one
+            the clean model classifies correctly.
+        adversarial: the adversarial class, or ``None``: drawn per case.
+        cases: the number of cases; case ``i`` uses seed ``seed + i`` (clean model ``10000 + seed + i``).
+        victims: victims per case, seeds ``0 … victims − 1``, trained poisoned and clean.
+        restarts, steps, lr: the brew's restarts, signed-Adam steps and step (absolute; the toy's 0.4ε).
+        widths: the MLP's hidden widths (input and class count come from the data).
+        training: :func:`~.witches_brew.train_victims` settings shared by the clean model and the
+            victims (``epochs``, ``lr``, ``batch_size``, ``momentum``, ``weight_decay``, ``milestones``).
+        seed: the first case's seed.
+        results_dir: where the test writes (default: the log directory).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "blobs",
+        root: str | None = None,
+        data_seed: int = 0,
+        eps: float = 1.0,
+        budget: float = 0.01,
+        target: int | None = None,
+        adversarial: int | None = None,
+        cases: int = 2,
+        victims: int = 8,
+        restarts: int = 4,
+        steps: int = 250,
+        lr: float = 0.4,
+        widths: list[int] | None = None,
+        training: dict[str, Any] | None = None,
+        seed: int = 0,
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__(results_dir)
+        self.save_hyperparameters()
+        # cheap checks first, so a bad value costs no data loading
+        self.eps = setting("eps", positive_float, eps)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise ConfigError("budget", f"the poison budget is a fraction of the training set in (0, 1], got {budget}")
+        self.budget = float(budget)
+        self.cases = setting("cases", positive_int, cases)
+        self.victims = setting("victims", positive_int, victims)
+        self.restarts = setting("restarts", positive_int, restarts)
+        self.steps = setting("steps", positive_int, steps)
+        self.lr = setting("lr", positive_float, lr)
+        self.widths = [128, 128] if widths is None else list(widths)
+        for i, w in enumerate(self.widths):
+            setting(f"widths.{i}", positive_int, w)
+        unknown = sorted(set(training or {}) - TRAINING_SETTINGS)
+        if unknown:
+            raise ConfigError(f"training.{unknown[0]}", f"training takes {sorted(TRAINING_SETTINGS)}")
+        self.victim_training = dict(training or {})
+        self.seed = seed
+        if dataset not in DATASETS:
+            raise ConfigError("dataset", f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+        (self.x, self.y, self.x_test, self.y_test), self.box = load(dataset, root, data_seed)
+        self.classes = int(max(int(self.y.max()), int(self.y_test.max())) + 1)
+        n_test = len(self.y_test)
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < n_test):
+            raise ConfigError("target", f"the target index must lie in [0, {n_test}) (the test set), got {target!r}")
+        if adversarial is not None and not 0 <= adversarial < self.classes:
+            raise ConfigError(
+                "adversarial", f"the adversarial class must lie in [0, {self.classes}), got {adversarial}"
+            )
+        if target is not None and adversarial is not None and int(self.y_test[target]) == adversarial:
+            raise ConfigError("adversarial", f"the adversarial class {adversarial} is target {target}'s own class")
+        self.target, self.adversarial = target, adversarial
+        self.sizes = [self.x[0].numel(), *self.widths, self.classes]
+
+    def run_case(self, i: int) -> CaseResult:
+        """Case ``i``: :func:`attack_case` with seed ``seed + i`` (a given target or adversarial
+        class fixes the case, its poisons still drawn from that seed)."""
+        seed = self.seed + i
+        x, y, x_test, y_test = (t.to(self.device) for t in (self.x, self.y, self.x_test, self.y_test))
+        factory = mlp(self.sizes)
+        case = None
+        if self.target is not None or self.adversarial is not None:
+            # the clean model attack_case will train (same seed): a drawn target must be one it gets right
+            clean = train_victims(factory, x, y, [10_000 + seed], **self.victim_training)
+            predicted = clean.predict(x_test)[0]
+            case = choose_case(y, y_test, predicted, self.budget, seed, self.target, self.adversarial, self.classes)
+        return attack_case(
+            factory, x, y, x_test, y_test, eps=self.eps, budget=self.budget, case=case, seed=seed,
+            victim_seeds=range(self.victims), restarts=self.restarts, steps=self.steps, lr=self.lr, box=self.box,
+            training=self.victim_training,
+        )  # fmt: skip
+
+    def audit(self) -> None:
+        results = [self.run_case(i) for i in range(self.cases)]
+        poisoned = torch.stack([r.poisoned.cpu() for r in results])
+        clean = torch.stack([r.clean.cpu() for r in results])
+        mean, se = success_rate(poisoned)
+        clean_mean, clean_se = success_rate(clean)
+        accuracy = float(torch.stack([r.accuracy.cpu() for r in results]).mean())
+        self.results = {"cases": results, "success": (mean, se), "clean": (clean_mean, clean_se)}
+        for key, value in {
+            "test_success": mean, "test_success_se": se, "test_clean_success": clean_mean,
+            "test_clean_success_se": clean_se, "test_accuracy": accuracy,
+        }.items():  # fmt: skip
+            self.log(key, value, batch_size=1, sync_dist=False)
+        if self.trainer.is_global_zero:
+            self.write(results, accuracy)
+
+    def write(self, results: list[CaseResult], accuracy: float) -> None:
+        """``success.csv`` (one row per case and victim seed), ``success.png``, the table printed."""
+        out = self.out_dir()
+        with open(out / "success.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["case", "target", "label", "adversarial", "victim_seed", "poisoned_flip", "clean_flip",
+                             "poisoned_accuracy", "best_alignment"])  # fmt: skip
+            for i, r in enumerate(results):
+                for v in range(self.victims):
+                    writer.writerow([
+                        i, r.case.target, r.case.label, r.case.adversarial, v, int(r.poisoned[v]), int(r.clean[v]),
+                        f"{float(r.accuracy[v]):.4f}", f"{float(r.brew.final[r.brew.best]):.4f}",
+                    ])  # fmt: skip
+        figure = success_figure(results, out / "success.png")
+        log_image(self.loggers, "success", figure)
+        mean, se = self.results["success"]
+        clean_mean, clean_se = self.results["clean"]
+        name = self.hparams["dataset"]
+        lines = [
+            f"Witches' Brew on {name}: ε {self.eps:g}, budget {self.budget:.1%}, {self.cases} case(s) × "
+            f"{self.victims} victims",
+            f"  {'case':>4} {'target':>6} {'class':>5} {'adv':>3} {'poisoned':>9} {'clean':>6} {'best B':>7}",
+        ]
+        for i, r in enumerate(results):
+            lines.append(
+                f"  {i:>4} {r.case.target:>6} {r.case.label:>5} {r.case.adversarial:>3} "
+                f"{int(r.poisoned.sum()):>5}/{self.victims:<3} {int(r.clean.sum()):>2}/{self.victims:<3} "
+                f"{float(r.brew.final[r.brew.best]):>7.3f}"
+            )
+        lines += [
+            f"  success {mean:.3f} ± {se:.3f} (poisoned), {clean_mean:.3f} ± {clean_se:.3f} (clean control); "
+            f"poisoned victims' test accuracy {accuracy:.3f}",
+            f"  wrote {out / 'success.csv'}, {figure}",
+        ]
+        rank_zero_info("\n".join(lines))
+
+
+def success_figure(results: list[CaseResult], path: Path) -> Path:
+    """Left: per case, the fraction of victims whose target flipped, poisoned against clean.
+    Right: every case's alignment loss ``B`` of the kept restart along the brew."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    cases = range(len(results))
+    width = 0.38
+    left.bar([c - width / 2 for c in cases], [float(r.poisoned.float().mean()) for r in results], width,
+             label="poisoned")  # fmt: skip
+    left.bar([c + width / 2 for c in cases], [float(r.clean.float().mean()) for r in results], width, label="clean")
+    left.set_xticks(list(cases), [f"{r.case.target}: {r.case.label}→{r.case.adversarial}" for r in results],
+                    fontsize=7)  # fmt: skip
+    left.set_ylim(0, 1.05)
+    left.set_ylabel("target flipped (fraction of victims)", fontsize=8)
+    left.legend(fontsize=7)
+    for i, r in enumerate(results):
+        history = r.brew.history[:, r.brew.best].float().cpu().numpy()
+        right.plot(range(1, len(history) + 1), history, label=f"case {i}")
+    right.set_xlabel("brew step", fontsize=8)
+    right.set_ylabel("alignment loss B", fontsize=8)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# backdoor
+
+
+class BackdoorAudit(_Audit):
+    """Backdoor attacks on digits reconstruction (heuristic BadNets square against the BLO
+    trigger), averaged over ``seeds``; settings as :class:`.backdoor.Setting`, ``blo`` the
+    :class:`.backdoor.BLOConfig` fields to change."""
+
+    def __init__(
+        self,
+        seeds: list[int] | None = None,
+        ratio: float = 0.3,
+        trigger_size: int = 3,
+        bound: float = 1.0,
+        target_size: int = 3,
+        target_value: float = 1.0,
+        keep: float = 0.5,
+        noise: float = 0.02,
+        epochs: int = 30,
+        blo: dict[str, Any] | None = None,
+        examples: int = 4,
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__(results_dir)
+        self.save_hyperparameters()
+        self.seeds = [0, 1, 2] if seeds is None else list(seeds)
+        if not self.seeds:
+            raise ConfigError("seeds", "give at least one seed")
+        unknown = sorted(set(blo or {}) - BLO_SETTINGS)
+        if unknown:
+            raise ConfigError(f"blo.{unknown[0]}", f"blo takes {sorted(BLO_SETTINGS)}")
+        for key in ("iters", "m", "batch"):
+            if key in (blo or {}):
+                setting(f"blo.{key}", positive_int, blo[key])
+        self.examples = setting("examples", positive_int, examples)
+        setting("epochs", positive_int, epochs)
+        # Setting checks ratio, trigger_size and bound and raises ConfigError naming them
+        self.setting = backdoor.Setting(
+            ratio=ratio, trigger_size=trigger_size, bound=bound, target_size=target_size, target_value=target_value,
+            keep=keep, noise=noise, epochs=epochs, blo=backdoor.BLOConfig(**(blo or {})),
+        )  # fmt: skip
+        backdoor.plus_target(target_size, target_value)  # names target_size now rather than mid-run
+        backdoor.pixel_mask(keep)
+
+    def audit(self) -> None:
+        runs, shown = [], None
+        for seed in self.seeds:
+            result, victims = backdoor.run_seed(self.setting, seed, victims=True)
+            runs.append(result)
+            shown = shown or victims  # the figure shows the first seed
+        mean = backdoor.average(runs)
+        self.results = {"runs": runs, "mean": mean}
+        for method, metrics in mean.items():
+            for metric, value in metrics.items():
+                if value is not None:
+                    self.log(f"test_{method}_{metric}", value, batch_size=1, sync_dist=False)
+        if self.trainer.is_global_zero:
+            self.write(runs, mean, shown)
+
+    def write(self, runs: list[dict], mean: dict, shown: dict[str, Any]) -> None:
+        """``backdoor.csv`` (per seed and the mean), ``backdoor.png``, the table printed."""
+        out = self.out_dir()
+        metrics = ("benign", "attack", "artefact")
+        with open(out / "backdoor.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["seed", "method", *metrics])
+            for seed, run in [*zip(self.seeds, runs, strict=True), ("mean", mean)]:
+                for method, values in run.items():
+                    writer.writerow(
+                        [seed, method, *("NA" if values[m] is None else f"{values[m]:.6f}" for m in metrics)]
+                    )
+        figure = examples_figure(shown, self.examples, out / "backdoor.png")
+        log_image(self.loggers, "backdoor", figure)
+        s = self.setting
+        lines = [
+            f"Backdoor on digits: ratio {s.ratio:g}, {s.trigger_size}×{s.trigger_size} trigger, bound {s.bound:g}, "
+            f"mean over seeds {self.seeds} (RMSE)",
+            f"  {'method':<10} {'benign':>8} {'attack':>8} {'artefact':>9}",
+        ]
+        for method, values in mean.items():
+            cells = ["NA" if values[m] is None else f"{values[m]:.4f}" for m in metrics]
+            lines.append(f"  {method:<10} {cells[0]:>8} {cells[1]:>8} {cells[2]:>9}")
+        lines.append(f"  wrote {out / 'backdoor.csv'}, {figure}")
+        rank_zero_info("\n".join(lines))
+
+
+def examples_figure(shown: dict[str, Any], count: int, path: Path) -> Path:
+    """Rows: test images; columns: the truth, the measurement, each victim's output on the clean
+    and on the triggered measurement (its own trigger)."""
+    plt = pyplot()
+    z, x = shown["z"][:count], shown["x"][:count]
+    columns: list[tuple[str, Tensor]] = [("truth", x), ("measured z", z)]
+    with torch.no_grad():
+        for name, model in shown["models"].items():
+            trigger = shown["triggers"][name]
+            columns += [(f"{name}: f(z)", model(z)), (f"{name}: f(z+δ)", model(z + trigger))]
+    fig, axes = plt.subplots(len(x), len(columns), figsize=(1.2 * len(columns), 1.25 * len(x)), squeeze=False)
+    for j, (title, images) in enumerate(columns):
+        for i in range(len(x)):
+            ax = axes[i][j]
+            ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "BackdoorAudit",
+    "SecurityData",
+    "WitchesBrewAudit",
+    "examples_figure",
+    "mlp",
+    "success_figure",
+]
