@@ -191,7 +191,8 @@ class BIOResult:
     """A BIO run: the last iterate and per-iteration diagnostics, each ``(K, B)`` (iteration,
     image): the data residual ``‖A x^k − ȳ‖``, the residual of the lifted/split constraints, the
     upper-level objective ``F(x^k)``, the step ``‖x^k − x^{k−1}‖`` and, given a truth, the PSNR
-    (peak 1, unclamped)."""
+    (peak 1, unclamped); ``iterations`` (``(B,)``, long) counts the iterations each image ran
+    before its stopping rule held (``None`` without one: every image ran them all)."""
 
     x: Tensor
     residual: Tensor
@@ -199,6 +200,7 @@ class BIOResult:
     objective: Tensor
     change: Tensor
     psnr: Tensor | None = None
+    iterations: Tensor | None = None
 
 
 class _History:
@@ -217,7 +219,7 @@ class _History:
             mse = (x - self.truth).pow(2).flatten(1).mean(1)
             self.rows["psnr"].append(-10 * torch.log10(mse))
 
-    def result(self, x: Tensor) -> BIOResult:
+    def result(self, x: Tensor, iterations: Tensor | None = None) -> BIOResult:
         def stack(key: str) -> Tensor:
             rows = self.rows[key]
             return torch.stack(rows) if rows else x.new_zeros(0, x.shape[0])
@@ -229,7 +231,38 @@ class _History:
             objective=stack("objective"),
             change=stack("change"),
             psnr=stack("psnr") if self.truth is not None else None,
+            iterations=iterations,
         )
+
+
+class _Stopping:
+    """The paper's relative-change rule for BIO's own iterations (as Stage 0's): an image stops once
+    ``‖x^{k+1} − x^k‖ / ‖x^{k+1}‖ < tol`` (``tol`` a number or one per image; 0 never stops) and
+    its whole state is frozen from then on, so a batch gives each image's own early-stopped iterate
+    and iteration count (the paper's Time₂ differs per D)."""
+
+    def __init__(self, tol: Tensor | float, like: Tensor) -> None:
+        batch = like.shape[0]
+        self.tol = torch.as_tensor(tol, dtype=like.real.dtype, device=like.device).expand(batch)
+        self.on = bool((self.tol > 0).any())
+        self.active = torch.ones(batch, dtype=torch.bool, device=like.device)
+        self.iterations = torch.zeros(batch, dtype=torch.long, device=like.device)
+
+    def keep(self, new: Tensor, old: Tensor) -> Tensor:
+        """``new`` for the images still running, ``old`` for those that stopped before this step."""
+        return torch.where(self.active.view(-1, *([1] * (new.ndim - 1))), new, old) if self.on else new
+
+    def update(self, x: Tensor, previous: Tensor) -> bool:
+        """Counts this iteration and applies the rule; ``False`` once every image has stopped."""
+        self.iterations += self.active
+        if not self.on:
+            return True
+        change = _norms(x - previous) / _norms(x).clamp(min=torch.finfo(self.tol.dtype).tiny)
+        self.active = self.active & (change >= self.tol)
+        return bool(self.active.any())
+
+    def count(self) -> Tensor | None:
+        return self.iterations if self.on else None
 
 
 def _check_penalties(beta: float, tau: float, iters: int) -> None:
@@ -295,6 +328,8 @@ class _Lift:
     ``(s₁, s₂, r)`` projections onto ℝ₊ from the old ``(w, x)``, then the w-step (Sherman–Morrison;
     the ``∇x`` terms cancel, so ``w`` does not need the new ``x``)."""
 
+    NAMES = ("s1", "s2", "r", "w", "l1", "l2", "lr")  # the state, multipliers included
+
     def __init__(self, grad_x: Tensor, t_bar: Tensor, beta: float, tau: float, feasible: bool) -> None:
         self.beta, self.tau = beta, tau
         self.t_bar = t_bar.view(-1, 1, 1, 1)
@@ -307,6 +342,14 @@ class _Lift:
             self.r = torch.zeros_like(self.t_bar)
         self.l1, self.l2 = torch.zeros_like(grad_x), torch.zeros_like(grad_x)
         self.lr = torch.zeros_like(self.t_bar)
+
+    def state(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.NAMES)
+
+    def keep(self, stopping: _Stopping, old: tuple[Tensor, ...]) -> None:
+        """Restores ``old`` for the images that had stopped (see :class:`_Stopping`)."""
+        for name, value in zip(self.NAMES, old, strict=True):
+            setattr(self, name, stopping.keep(getattr(self, name), value))
 
     def sum_w(self) -> Tensor:
         return self.w.flatten(1).sum(1).view(-1, 1, 1, 1)
@@ -402,6 +445,7 @@ def bio_restoration(
     warm_start: bool = True,
     cg_tol: float | None = None,
     cg_iters: int = 1000,
+    tol: Tensor | float = 0.0,
 ) -> BIOResult:
     """Algorithm 2 (App. B.1): BIO for ``min ½‖x − d‖²`` over the solutions of
     ``min ½‖Kx − y‖² + γ‖∇x‖₁`` (Eq. 11), ``d = D(y)``, with ``ȳ = K x̄`` and ``t̄ = ‖∇x̄‖₁``:
@@ -425,6 +469,9 @@ def bio_restoration(
         warm_start: start at ``x̄`` with slacks that satisfy the lift (else everything at 0).
         cg_tol, cg_iters: relative tolerance (default ``max(1e-12, 10·eps)`` of the dtype) and cap
             of the CG x-solve (non-circulant ``K``).
+        tol: the paper's relative-change stopping rule, per image (a number or one per image):
+            an image stops once ``‖x^{k+1} − x^k‖ / ‖x^{k+1}‖ < tol`` and no longer changes;
+            ``iters`` caps it (0, the default: exactly ``iters`` iterations).
     """
     _check_penalties(beta, tau, iters)
     if cg_tol is None:
@@ -435,17 +482,25 @@ def bio_restoration(
     x = x_bar.clone() if warm_start and x_bar is not None else torch.zeros_like(d)
     grad_x = GRADIENT(x)
     lift = _Lift(grad_x, t_bar, beta, tau, feasible=warm_start and x_bar is not None)
-    lam_x = torch.zeros_like(y_bar)
-    history = _History(truth)
+    lam_x, residual = torch.zeros_like(y_bar), op(x) - y_bar
+    constraint = torch.zeros_like(t_bar)
+    history, stopping = _History(truth), _Stopping(tol, d)
     for _ in range(iters):
+        old = (x, grad_x, residual, lam_x, constraint, lift.state())
         lift.step(grad_x)
         rhs = fixed + GRADIENT.adjoint(lift.rhs(literal)) - op.adjoint(lam_x) + tau * x
-        previous, x = x, solve(rhs, x)
+        x = solve(rhs, x)
         grad_x, residual = GRADIENT(x), op(x) - y_bar
         lam_x = lam_x + beta * residual
         constraint = lift.dual_step(grad_x)
-        history.add(x, previous, _norms(residual), constraint, 0.5 * (x - d).pow(2).flatten(1).sum(1))
-    return history.result(x)
+        if stopping.on:  # the images that stopped keep their state
+            x, grad_x, residual, lam_x, constraint = map(stopping.keep, (x, grad_x, residual, lam_x, constraint), old)
+            lift.keep(stopping, old[-1])
+        running = stopping.update(x, old[0])
+        history.add(x, old[0], _norms(residual), constraint, 0.5 * (x - d).pow(2).flatten(1).sum(1))
+        if not running:
+            break
+    return history.result(x, stopping.count())
 
 
 def bio_csmri(
@@ -463,6 +518,7 @@ def bio_csmri(
     t_bar: Tensor | float | None = None,
     truth: Tensor | None = None,
     warm_start: bool = True,
+    tol: Tensor | float = 0.0,
 ) -> BIOResult:
     """Algorithm 3 (App. B.2): BIO for CS-MRI, ``min η/2‖x − d‖² + ρ‖Tx‖₁`` over the solutions of
     ``min ½‖PFx − y‖² + γ‖∇x‖₁`` (Eq. 12), ``T`` an orthonormal transform (default DCT), with the
@@ -475,7 +531,8 @@ def bio_csmri(
 
     For real ``x`` the normal operator ``Re FᴴPᵀPF`` is circulant with the k ↔ −k symmetrised mask
     as eigenvalues and ``TᵀT = I``, so the x-step is one FFT division. ``λ_x`` lives in k-space
-    (complex; the real inner product ``Re⟨λ_x, ·⟩``). Other arguments as in :func:`bio_restoration`.
+    (complex; the real inner product ``Re⟨λ_x, ·⟩``). Other arguments, the stopping rule ``tol``
+    included, as in :func:`bio_restoration`.
     """
     _check_penalties(beta, tau, iters)
     if not eta > 0:
@@ -490,9 +547,11 @@ def bio_csmri(
     grad_x, tx = GRADIENT(x), transform(x)
     lift = _Lift(grad_x, t_bar, beta, tau, feasible=warm_start and x_bar is not None)
     z = tx
-    lam_x, lam_z = torch.zeros_like(y_bar), torch.zeros_like(z)
-    history = _History(truth)
+    lam_x, lam_z, residual = torch.zeros_like(y_bar), torch.zeros_like(z), op(x) - y_bar
+    constraint = torch.zeros_like(t_bar)
+    history, stopping = _History(truth), _Stopping(tol, d)
     for _ in range(iters):
+        old = (x, z, grad_x, tx, residual, lam_x, lam_z, constraint, lift.state())
         z = soft_threshold((beta * tx - lam_z + tau * z) / (beta + tau), rho / (beta + tau))
         lift.step(grad_x)
         rhs = (
@@ -502,13 +561,20 @@ def bio_csmri(
             + transform.adjoint(beta * z + lam_z)
             + tau * x
         )
-        previous, x = x, solve(rhs, x)
+        x = solve(rhs, x)
         grad_x, tx, residual = GRADIENT(x), transform(x), op(x) - y_bar
         lam_x, lam_z = lam_x + beta * residual, lam_z + beta * (z - tx)
         constraint = torch.sqrt(lift.dual_step(grad_x).pow(2) + (z - tx).pow(2).flatten(1).sum(1))
+        if stopping.on:  # the images that stopped keep their state
+            new = (x, z, grad_x, tx, residual, lam_x, lam_z, constraint)
+            x, z, grad_x, tx, residual, lam_x, lam_z, constraint = map(stopping.keep, new, old)
+            lift.keep(stopping, old[-1])
+        running = stopping.update(x, old[0])
         objective = eta / 2 * (x - d).pow(2).flatten(1).sum(1) + rho * tx.abs().flatten(1).sum(1)
-        history.add(x, previous, _norms(residual), constraint, objective)
-    return history.result(x)
+        history.add(x, old[0], _norms(residual), constraint, objective)
+        if not running:
+            break
+    return history.result(x, stopping.count())
 
 
 # -- the upper level's D -------------------------------------------------------------------------

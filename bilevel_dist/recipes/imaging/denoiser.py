@@ -45,14 +45,17 @@ class Denoiser(nn.Module):
         for i, dilation in enumerate(dilations):
             cin, cout = (1 if i == 0 else channels), (1 if i == last else channels)
             norm = batch_norm and 0 < i < last
-            layers.append(
-                nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=not norm, padding_mode="reflect")
+            # built in ``dtype`` (not cast afterwards): the initial weights do not depend on the
+            # caller's default dtype
+            conv = nn.Conv2d(
+                cin, cout, 3, padding=dilation, dilation=dilation, bias=not norm, padding_mode="reflect", dtype=dtype
             )
+            layers.append(conv)
             if i < last:
-                layers += [nn.BatchNorm2d(channels), nn.ReLU()] if norm else [nn.ReLU()]
+                layers += [nn.BatchNorm2d(channels, dtype=dtype), nn.ReLU()] if norm else [nn.ReLU()]
         nn.init.zeros_(layers[-1].weight)  # start as the identity: the residual is learnt from 0
         nn.init.zeros_(layers[-1].bias)
-        self.noise = nn.Sequential(*layers).to(dtype)
+        self.noise = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return x - self.noise(x)
@@ -73,12 +76,16 @@ class DenoiserTraining(L.LightningModule):
     clean ``images`` (``(N, 1, H, W)`` on ``[0, 1]``), ``batch_size`` crops a step, mean squared
     error to the clean crop, Adam. The initial weights, and the crops and noise drawn fresh every
     step from a generator, all come from ``seed`` (a run is reproducible). ``steps`` sizes the loader
-    (``Trainer(max_steps=steps)``); the loss of each step is kept in ``losses``."""
+    (``Trainer(max_steps=steps)``); the loss of each step is kept in ``losses``.
+
+    ``sigma`` is the paper's fixed level (5%) or a range ``(low, high)``: each crop then gets its
+    own level, uniform in the range (a blind denoiser, as DnCNN-B), for a ``D`` applied to
+    reconstructions whose error is not one known level."""
 
     def __init__(
         self,
         images: Tensor,
-        sigma: float = 0.05,
+        sigma: float | tuple[float, float] = 0.05,
         patch: int = 32,
         batch_size: int = 8,
         steps: int = 300,
@@ -93,8 +100,11 @@ class DenoiserTraining(L.LightningModule):
             raise ConfigError("images", f"clean images are (N, 1, H, W), got shape {tuple(images.shape)}")
         if patch > min(images.shape[-2:]):
             raise ConfigError("patch", f"patch {patch} is larger than the {tuple(images.shape[-2:])} images")
-        if not sigma > 0:
-            raise ConfigError("sigma", f"sigma must be > 0, got {sigma!r}")
+        levels = tuple(sigma) if isinstance(sigma, Sequence) else (sigma,)
+        if len(levels) not in (1, 2) or not all(level >= 0 for level in levels) or not max(levels) > 0:
+            raise ConfigError("sigma", f"sigma is a level > 0 or a range (low, high) with high > 0, got {sigma!r}")
+        if len(levels) == 2 and levels[0] > levels[1]:
+            raise ConfigError("sigma", f"the range sigma = {sigma!r} has low > high")
         self.save_hyperparameters(ignore=["images"])
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on seed only
             torch.manual_seed(seed)
@@ -111,7 +121,11 @@ class DenoiserTraining(L.LightningModule):
         top = torch.randint(h - p + 1, (b,), generator=self.generator)
         left = torch.randint(w - p + 1, (b,), generator=self.generator)
         clean = torch.stack([self.images[i, :, t : t + p, s : s + p] for i, t, s in zip(which, top, left, strict=True)])
-        noisy = clean + self.hparams.sigma * torch.randn(clean.shape, generator=self.generator, dtype=clean.dtype)
+        sigma = self.hparams.sigma
+        if isinstance(sigma, Sequence):  # one level per crop
+            low, high = sigma
+            sigma = low + (high - low) * torch.rand(b, 1, 1, 1, generator=self.generator, dtype=clean.dtype)
+        noisy = clean + sigma * torch.randn(clean.shape, generator=self.generator, dtype=clean.dtype)
         return noisy.to(self.device), clean.to(self.device)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
