@@ -27,6 +27,7 @@ from bilevel_dist.recipes.imaging.bio import (
     tv_l1,
     zero_filled,
 )
+from bilevel_dist.recipes.imaging.data import TEST_PHANTOMS, TRAIN_PHANTOMS, ellipse_phantom
 from bilevel_dist.recipes.imaging.denoiser import Denoiser, DenoiserTraining, train_denoiser
 from bilevel_dist.recipes.imaging.metrics import scores
 from bilevel_dist.recipes.imaging.operators import (
@@ -500,36 +501,13 @@ def test_deblurring_orderings(denoiser):
 
 
 # -- CS-MRI (§6.2 at CPU scale) ------------------------------------------------------------------------
-def ellipse_phantom(seed: int, size: int = 64, count: int = 10, oversample: int = 4) -> np.ndarray:
-    """A Shepp–Logan-like phantom: a bright skull ring and ``count`` random ellipses (intensities
-    ±0.05–0.3, clipped to [0, 1]), drawn at ``oversample``× and downsampled with anti-aliasing."""
-    rng = np.random.default_rng(seed)
-    fine = size * oversample
-    yy, xx = np.mgrid[-1 : 1 : fine * 1j, -1 : 1 : fine * 1j]
-    image = np.zeros((fine, fine))
-
-    def ellipse(cx, cy, a, b, angle, value):
-        c, s = np.cos(angle), np.sin(angle)
-        u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
-        image[(u / a) ** 2 + (v / b) ** 2 <= 1] += value
-
-    ellipse(0, 0, 0.72, 0.92, 0, 1.0)
-    ellipse(0, -0.02, 0.66, 0.86, 0, -0.7)
-    for _ in range(count):
-        ellipse(
-            rng.uniform(-0.4, 0.4), rng.uniform(-0.5, 0.5), rng.uniform(0.05, 0.25), rng.uniform(0.05, 0.3),
-            rng.uniform(0, np.pi), rng.choice([-1, 1]) * rng.uniform(0.05, 0.3),
-        )  # fmt: skip
-    return transform.resize(np.clip(image, 0, 1), (size, size), anti_aliasing=True)
-
-
 @pytest.fixture(scope="module")
 def mri_denoiser(tmp_path_factory):
     """The CNN for CS-MRI: the same network and training as :func:`denoiser` (σ = 0.05), on six
     random phantoms (seeds 10–15; the validation phantoms are seeds 0–3, the test set Shepp–Logan
     and seeds 20–22). A CNN trained on natural images made BIO lose to TV on the validation
     phantoms in every radial cell's SSIM (measured), so the prior is trained in-domain."""
-    images = torch.tensor(np.stack([ellipse_phantom(seed) for seed in range(10, 16)]))[:, None]
+    images = torch.stack([ellipse_phantom(seed) for seed in TRAIN_PHANTOMS])[:, None]
     training = train_denoiser(
         images, tmp_path_factory.mktemp("mri_denoiser"), steps=300, patch=32, batch_size=8, lr=2e-3, seed=0
     )
@@ -552,7 +530,6 @@ def mri_denoiser(tmp_path_factory):
 # (η/β sets the iterates up to τ). Masks from seed 0; Stage 0 to tolerance 1e-4.
 MRI_NOISE, MRI_GAMMA, MRI_ETA, MRI_RHO, MRI_BETA, MRI_TAU, MRI_ITERS = 0.01, 3e-4, 3.0, 0.0, 1.0, 0.1, 100
 MRI_INNER = 20  # FGP iterations per FISTA step at most (warm-started; 200 changed no PSNR by 1e-3 dB)
-MRI_TEST_SEEDS = (20, 21, 22)  # disjoint from training (10–15) and validation (0–3)
 
 
 def csmri_cell(truth, mask, rate, denoiser_model):
@@ -574,7 +551,7 @@ def csmri_cell(truth, mask, rate, denoiser_model):
 @pytest.fixture(scope="module")
 def mri_test_images():
     shepp_logan = transform.resize(data.shepp_logan_phantom(), (64, 64), anti_aliasing=True)
-    return torch.tensor(np.stack([shepp_logan] + [ellipse_phantom(seed) for seed in MRI_TEST_SEEDS]))[:, None]
+    return torch.stack([torch.as_tensor(shepp_logan)] + [ellipse_phantom(seed) for seed in TEST_PHANTOMS])[:, None]
 
 
 # Measured on the test set (per-cell means over Shepp–Logan and phantoms 20–22), PSNR / SSIM:

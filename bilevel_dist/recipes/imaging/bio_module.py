@@ -44,9 +44,12 @@ class BIOReconstruction(L.LightningModule):
             or ``cnn`` (the trained denoiser on the Deconv image; on the TV image ``x̄`` for
             CS-MRI, whose zero-filled image is no noisy photograph).
         gamma: the lower level's TV weight, ``min ½‖Ax − y‖² + γ‖∇x‖₁``.
-        stage0_tol, stage0_iters: FISTA-TV's relative-change tolerance (the paper's APG
-            1e-2 / 1e-4 / 1e-6) and its cap.
-        beta, tau, iters: the ADMM penalty, proximal weight and iteration count.
+        stage0_tol, stage0_iters, stage0_inner: FISTA-TV's relative-change tolerance (the paper's
+            APG 1e-2 / 1e-4 / 1e-6), its cap, and the cap of its warm-started FGP prox.
+        beta, tau, iters: the ADMM penalty, proximal weight and iteration cap.
+        tol: BIO's own stopping rule, per image at a relative change ``‖x^{k+1} − x^k‖/‖x^{k+1}‖``
+            below it (the paper's; 0 runs all ``iters``). ``D`` acts through this early-stopped
+            iterate: a converged BIO returns ``x̄`` whatever ``D`` is when ``A`` is invertible.
         alpha: Deconv's trade-off (the paper's 1e-4 amplifies 1% noise; see the recipe README).
         eta, rho: CS-MRI's upper level ``η/2‖x − D(y)‖² + ρ‖DCT x‖₁``.
         denoiser: the CNN and its training (``channels``, ``dilations``, ``sigma`` of the
@@ -62,9 +65,11 @@ class BIOReconstruction(L.LightningModule):
         gamma: float = 1e-3,
         stage0_tol: float = 1e-4,
         stage0_iters: int = 20000,
+        stage0_inner: int = 200,
         beta: float = 10.0,
         tau: float = 0.1,
         iters: int = 300,
+        tol: float = 0.0,
         alpha: float = 1e-2,
         eta: float = 1.0,
         rho: float = 0.0,
@@ -82,6 +87,8 @@ class BIOReconstruction(L.LightningModule):
         self.gamma = setting("gamma", positive_float, gamma)
         self.stage0_tol = setting("stage0_tol", positive_float, stage0_tol)
         self.stage0_iters = setting("stage0_iters", positive_int, stage0_iters)
+        self.stage0_inner = setting("stage0_inner", positive_int, stage0_inner)
+        self.tol = setting("tol", lambda k, v: positive_float(k, v, allow_zero=True), tol)
         self.beta = setting("beta", positive_float, beta)
         self.tau = setting("tau", positive_float, tau)
         self.iters = setting("iters", positive_int, iters)
@@ -155,12 +162,16 @@ class BIOReconstruction(L.LightningModule):
         y = part["y"].to(self.device)
         y = y.to(torch.complex128) if y.is_complex() else y.to(torch.float64)
         op = self.data.operator(truth.shape[-1])
-        x_bar, stage0 = apg_tv(y, op, self.gamma, tol=self.stage0_tol, max_iter=self.stage0_iters)
+        x_bar, stage0 = apg_tv(
+            y, op, self.gamma, tol=self.stage0_tol, max_iter=self.stage0_iters, inner_iters=self.stage0_inner
+        )
         d = self.target(y, x_bar, op)
         if y.is_complex():
-            bio = bio_csmri(y, op, d, x_bar, self.beta, self.tau, self.iters, eta=self.eta, rho=self.rho, truth=truth)
+            bio = bio_csmri(
+                y, op, d, x_bar, self.beta, self.tau, self.iters, eta=self.eta, rho=self.rho, truth=truth, tol=self.tol
+            )
         else:
-            bio = bio_restoration(y, op, d, x_bar, self.beta, self.tau, self.iters, truth=truth)
+            bio = bio_restoration(y, op, d, x_bar, self.beta, self.tau, self.iters, truth=truth, tol=self.tol)
         return {"y": y, "truth": truth, "op": op, "x_bar": x_bar, "stage0_iters": stage0, "d": d, "bio": bio}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

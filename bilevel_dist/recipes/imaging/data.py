@@ -46,8 +46,8 @@ VAL_PHOTOS = ("text", "immunohistochemistry")
 TEST_PHOTOS = ("coins", "moon", "clock")
 #: random-ellipse phantoms (source ``phantom``), split by seed; Shepp–Logan also tests
 TRAIN_PHANTOMS = tuple(range(10, 16))
-VAL_PHANTOMS = (0, 1)
-TEST_PHANTOMS = (20, 21, 22)
+VAL_PHANTOMS = (0, 1, 2, 3)
+TEST_PHANTOMS = (20, 21, 22)  # with Shepp–Logan; training 10–15 and validation 0–3 are disjoint
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 _STEPS_PER_EPOCH = 1000
 
