@@ -26,6 +26,7 @@ from torch import Tensor
 from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting
 from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.recipes.imaging.bio import BIOResult, apg_tv, bio_csmri, bio_restoration, deconv, zero_filled
+from bilevel_dist.recipes.imaging.data import imaging_data
 from bilevel_dist.recipes.imaging.denoiser import DILATIONS, Denoiser
 from bilevel_dist.recipes.imaging.metrics import scores
 from bilevel_dist.recipes.imaging.report import write_scores
@@ -110,10 +111,7 @@ class BIOReconstruction(L.LightningModule):
     # -- data --------------------------------------------------------------------------------
     @property
     def data(self) -> Any:
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if data is None or not hasattr(data, "operator"):
-            raise ConfigError("data", "BIOReconstruction needs an ImagingData data module")
-        return data
+        return imaging_data(self)
 
     def setup(self, stage: str) -> None:
         self.data.setup(stage)

@@ -430,6 +430,15 @@ class ImagingData(L.LightningDataModule):
         return self.val_dataloader()
 
 
+def imaging_data(module: L.LightningModule) -> ImagingData:
+    """The :class:`ImagingData` a model runs on (its trainer's data module), or a one-line error."""
+    trainer = module._trainer
+    data = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if data is None or not hasattr(data, "operator"):
+        raise ConfigError("data", f"{type(module).__name__} needs an ImagingData data module")
+    return data
+
+
 class _Steps(Dataset):
     """Item ``t``: this rank's training batch (the same at every step)."""
 
@@ -450,6 +459,7 @@ __all__ = [
     "bundled",
     "ellipse_phantom",
     "grey",
+    "imaging_data",
     "read_folder",
     "read_levin",
     "resize",

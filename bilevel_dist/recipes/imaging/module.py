@@ -24,6 +24,7 @@ from bilevel_dist._checks import ConfigError, positive_float, positive_int, sett
 from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.lightning import BilevelModule
 from bilevel_dist.recipes.imaging.algorithm import ReconstructionIFT
+from bilevel_dist.recipes.imaging.data import imaging_data
 from bilevel_dist.recipes.imaging.energies import FilterEnergy, dct_filters, tv_filters
 from bilevel_dist.recipes.imaging.metrics import scores
 from bilevel_dist.recipes.imaging.report import write_scores
@@ -133,10 +134,7 @@ class LearnedReconstruction(BilevelModule):
     # -- data and the energy -----------------------------------------------------------------
     @property
     def data(self) -> Any:
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if data is None or not hasattr(data, "operator"):
-            raise ConfigError("data", "LearnedReconstruction needs an ImagingData data module")
-        return data
+        return imaging_data(self)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
