@@ -39,15 +39,7 @@ from bilevel_dist.recipes.imaging.operators import (
     sampling_mask,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The solvers run many small FFTs and convolutions; on a busy 2-core machine OpenMP's second
-    thread made a 64×64 float64 FFT take 22 ms instead of 21 µs (measured), so one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def downscale(image: np.ndarray, factor: int) -> np.ndarray:

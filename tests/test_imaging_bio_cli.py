@@ -19,12 +19,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "imaging"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(config: str, root: Path, *extra: str) -> list[str]:

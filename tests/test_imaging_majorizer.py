@@ -27,14 +27,7 @@ from bilevel_dist.recipes.imaging.metrics import psnr
 SIGMA = 25 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors here are tiny: on a loaded 2-core machine OpenMP's thread hand-off makes each
-    # conv2d ~500x slower than running it on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_instance(seed: int, eps: float = 0.05, batch: int = 3, size: int = 8):

@@ -47,14 +47,7 @@ SEEDS = (0, 1, 2)
 BENIGN_TOLERANCE = 0.005  # BLO's benign RMSE may exceed the heuristic's by at most this (~4%)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small matrices and many steps: a second OpenMP thread on a busy 2-core machine only adds
-    contention, so one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_artefact_pinned_on_a_hand_made_example():

@@ -27,15 +27,7 @@ from bilevel_dist.recipes.security import (
 )
 from bilevel_dist.recipes.security.witches_brew import decay_milestones, parameters, project
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small matrices and many steps: a second OpenMP thread on a busy 2-core machine only adds
-    contention, so one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU, dtype: torch.dtype = torch.float32):

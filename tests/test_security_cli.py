@@ -9,7 +9,6 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 
 from bilevel_dist.cli import main
 from bilevel_dist.recipes.security import attack_case, blobs
@@ -19,12 +18,7 @@ from bilevel_dist.recipes.security.module import mlp
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "security"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(config: str, root: Path, *extra: str) -> list[str]:

@@ -22,14 +22,7 @@ from bilevel_dist.recipes.security.defences import (
     weight_auc,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small matrices and many steps: a second thread on a busy 2-core machine only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(sizes: tuple[int, ...], dtype: torch.dtype = torch.float32):

@@ -21,14 +21,7 @@ from bilevel_dist.recipes.security.penalty_poison import (
 )
 from bilevel_dist.recipes.security.witches_brew import parameters
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices and many steps: a second OpenMP thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- MetaPoison: the unroll against the implicit hypergradient ------------------------------------
