@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.recipes.security import blobs
+from bilevel_dist.recipes.security import blobs, choose_case
 from bilevel_dist.recipes.security.metapoison import metapoison, poisoning_problem, unrolled_gradient
 from bilevel_dist.recipes.security.penalty_poison import (
     choose_base,
@@ -19,7 +19,7 @@ from bilevel_dist.recipes.security.penalty_poison import (
     retrain_flips,
     toy,
 )
-from bilevel_dist.recipes.security.witches_brew import parameters
+from bilevel_dist.recipes.security.witches_brew import apply_poison, flips, parameters, train_victims
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,6 +114,57 @@ def test_metapoison_invariants_and_descent():
         moved = x[poisons] + result.delta
         assert float(moved.min()) >= -3 - 1e-12 and float(moved.max()) <= 3 + 1e-12
         assert float(result.history[-1]) < float(result.history[0]) - 0.05, result.history
+
+
+def test_ensemble_unroll_is_one_vmap_of_the_members():
+    """Three members of an MLP 8-6-3 (tanh) stacked into one problem (``members=True``: inner the
+    sum of the members' losses, outer their mean): the K = 2 unrolled hypergradient equals the
+    mean of the members' own to 1e-12 (float64; measured 9e-19), one ``reverse`` pass."""
+    x, y, x_test, _ = blobs(0, n_train=90, n_test=10, dim=8, classes=3, dtype=torch.float64)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double())
+    poisons, target = torch.tensor([1, 4, 9]), (x_test[:1], torch.tensor([1]))
+    delta = 0.3 * torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one = poisoning_problem(models[0], x, y, poisons, *target, weight_decay=1e-3)
+    stacked = poisoning_problem(models[0], x, y, poisons, *target, weight_decay=1e-3, members=True)
+    each = torch.stack([unrolled_gradient(one, parameters(m), delta, 2, 0.3).grad["delta"] for m in models])
+    together = {k: torch.stack([parameters(m)[k] for m in models]) for k in parameters(models[0])}
+    mean = unrolled_gradient(stacked, together, delta, 2, 0.3).grad["delta"]
+    assert float((mean - each.mean(0)).abs().max()) < 1e-12 and float(mean.abs().max()) > 1e-4
+
+
+def test_metapoison_flips_the_blobs_target():
+    """End to end on the Witches' Brew toy (blobs in 64-D, data seed 0, MLP 64-128-128-10,
+    victims as there: 15 epochs SGD Nesterov lr 0.05, batch 64, wd 5e-4; 20 poisons = 1%):
+    MetaPoison's structure at small scale: a staggered ensemble of 2 (trained 8 and 15 epochs,
+    seeds 10 000 and 1 010 003; the case from the fully trained one), K = 2 unrolled full-batch GD
+    steps (size 0.5, wd 5e-4) + 1 clean step per member after every outer step (``advance``),
+    M = 30 signed-Adam steps of 0.4ε, ε = 1.0. Measured over cases 0–2 (M = 30): ε = 1.0 flips
+    8/8, 8/8, 8/8 poisoned victims vs 0/8 clean; ε = 0.5: 4, 8, 8 vs 0, 0, 0; ε = 0.25: 0, 0, 0
+    vs 0, 0, 0. One fully trained member (seed 10 000, so the cases may differ) at ε = 0.5: 3, 8, 0
+    vs 0, 0, 0. About 10 s on one thread."""
+    x, y, x_test, y_test = blobs(0)
+
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    seeds = (10_000, 10_000 + 1_000_003)
+    members = [train_victims(factory, x, y, [s], epochs=e) for s, e in zip(seeds, (8, 15), strict=True)]
+    case = choose_case(y, y_test, members[-1].predict(x_test)[0], budget=0.01, seed=0)
+    target, adversarial = x_test[case.target], case.adversarial
+    result = metapoison(
+        members[0].net, [m.member(0)[0] for m in members], x, y, case.poisons, target[None],
+        torch.tensor([adversarial]), eps=1.0, unroll=2, inner_lr=0.5, steps=30, lr=0.4, weight_decay=5e-4,
+        advance=True,
+    )  # fmt: skip
+    assert float(result.delta.abs().max()) <= 1.0 + 1e-6
+    assert float(result.history[-1]) < 0.1 * float(result.history[0])  # measured 12.96 → 0.00
+    poisoned = train_victims(factory, apply_poison(x, case.poisons, result.delta), y, range(8))
+    clean = train_victims(factory, x, y, range(8))
+    hits, control = int(flips(poisoned, target, adversarial).sum()), int(flips(clean, target, adversarial).sum())
+    assert hits >= 6 and control <= 1, (hits, control)
 
 
 @pytest.mark.parametrize(

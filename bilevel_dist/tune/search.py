@@ -30,6 +30,7 @@ DISTRIBUTIONS = {
 }
 SCHEDULERS = ("asha", "median", "fifo")
 SEARCHERS = ("random", "optuna")
+STAGES = ("fit", "test")
 KEYS = (
     "space",
     "metric",
@@ -47,6 +48,7 @@ KEYS = (
     "wandb",
     "seed",
     "report",
+    "stage",
 )
 
 
@@ -73,6 +75,9 @@ class Search:
     #: ``package.module:function`` called with the results table and the sweep directory after the
     #: sweep (a recipe's summary: grouped means, a curve)
     report: str | None = None
+    #: ``fit`` (a trial fits, reporting every validation) or ``test`` (a trial is the run of
+    #: ``bilevel-dist test``, reporting its test metrics once: an audit, a grid of evaluations)
+    stage: str = "fit"
 
     def candidates(self, key: str) -> list[Any]:
         """Values of ``key`` that bound what a trial can be given, as Tune samples them: every
@@ -111,6 +116,7 @@ class Search:
             "wandb": self.wandb,
             "seed": self.seed,
             "report": self.report,
+            "stage": self.stage,
         }
 
 
@@ -155,13 +161,17 @@ def parse(raw: Any) -> Search:
     if not isinstance(resources, dict) or set(resources) - {"cpu", "gpu"}:
         raise ConfigError("resources", f"must be a mapping with cpu and gpu, got {resources!r}")
     cpu, gpu = (_number(f"resources.{k}", resources.get(k, d)) for k, d in (("cpu", 1), ("gpu", 0)))
+    stage = raw.get("stage", "fit")
+    if stage not in STAGES:
+        raise ConfigError("stage", f"must be fit or test, got {stage!r}")
     search = Search(
         space=space,
         metric=metric,
         mode=raw["mode"],
         num_samples=_int("num_samples", raw.get("num_samples", 1)),
         fixed=fixed,
-        scheduler=_named("scheduler", raw.get("scheduler", "asha"), SCHEDULERS),
+        # a test trial reports once: nothing for ASHA to stop early
+        scheduler=_named("scheduler", raw.get("scheduler", "asha" if stage == "fit" else "fifo"), SCHEDULERS),
         searcher=_named("searcher", raw.get("searcher", "random"), SEARCHERS),
         include_recipe=_bool("include_recipe", raw.get("include_recipe", True)),
         cpu=cpu,
@@ -173,6 +183,7 @@ def parse(raw: Any) -> Search:
         wandb=_wandb(raw.get("wandb")),
         seed=_int("seed", raw.get("seed", 0), allow_zero=True),
         report=_report_hook(raw.get("report")),
+        stage=stage,
     )
     _check_options(search)
     return search
@@ -263,6 +274,14 @@ def _check_options(search: Search) -> None:
         raise ConfigError("resources.gpu", "is 0, 1 or a fraction of one per trial; use workers: N for N-GPU trials")
     if options := search.scheduler[1]:
         _check_scheduler(search.scheduler[0], options)
+    if search.stage == "test":
+        if search.scheduler[0] != "fifo":
+            name = search.scheduler[0]
+            raise ConfigError(
+                "scheduler", f"stage test reports once a trial, nothing to stop early; use fifo, not {name}"
+            )
+        if search.workers > 1:
+            raise ConfigError("workers", "stage test runs each trial in one process; use workers: 1")
 
 
 def _check_scheduler(name: str, options: dict[str, Any]) -> None:

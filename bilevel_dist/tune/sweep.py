@@ -4,7 +4,8 @@
 (each choice, both ends of a range) must build the recipe's model, data and trainer, and the
 metric must be one the model logs. :func:`run` runs (or, from the sweep's directory, resumes) the
 sweep, prints a results table and writes the best trial's config as ``best.yaml``, which
-``bilevel-dist fit --config`` runs as is.
+``bilevel-dist fit --config`` runs as is. With ``stage: test`` a trial is the run of
+``bilevel-dist test`` instead, reporting the model's ``test_metrics`` once (an audit's grid).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ RESULTS_FILE = "results.csv"
 
 
 def prepare(recipe_path: str | Path, search: Search) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
-    """The recipe as a mapping, the model's validation metrics and the recipe's own values of the
-    searched keys, after checking every searched value against the recipe (see module doc)."""
+    """The recipe as a mapping, the model's validation metrics (its test metrics with ``stage:
+    test``) and the recipe's own values of the searched keys, after checking every searched value
+    against the recipe (see module doc)."""
     recipe = read_yaml(recipe_path, "config")
     if not isinstance(recipe, dict):
         raise ConfigError("config", f"{recipe_path} is not a fit config (a mapping of model, data, trainer)")
@@ -48,10 +50,16 @@ def _check(recipe: dict[str, Any], base: dict[str, Any], search: Search) -> tupl
         cli = _build(base)
     except UserError as error:
         raise ConfigError("fixed" if search.fixed else "config", str(error)) from None
-    logged = cli.model.validation_metrics
+    name = type(cli.model).__name__
+    if search.stage == "test":
+        logged = tuple(getattr(cli.model, "test_metrics", ()))
+        if not logged:
+            raise ConfigError("stage", f"{name} declares no test_metrics (the metrics its test logs) to report")
+    else:
+        logged = cli.model.validation_metrics
     if search.metric not in logged:
-        name = type(cli.model).__name__
-        raise ConfigError("metric", f"{search.metric!r} is not logged by {name}; it logs {', '.join(logged)}")
+        what = "" if search.stage == "fit" else " in test"
+        raise ConfigError("metric", f"{search.metric!r} is not logged{what} by {name}; it logs {', '.join(logged)}")
     for key in search.space:
         for value in search.candidates(key):
             try:
@@ -118,6 +126,7 @@ def run(
         "gpu": search.gpu,
         "max_failures": search.max_failures,
         "keep_checkpoints": search.keep_checkpoints,
+        "stage": search.stage,
     }
     import ray
     from ray import tune
@@ -203,15 +212,16 @@ def _resources(search: Search) -> dict[str, float]:
 
 
 def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str, metrics: Any = ()) -> int:
-    """Prints the results table (every validation metric the model logs in ``metrics``, ranked by
-    the searched one), writes it as CSV and the best config as YAML, then runs the search's
-    ``report`` on the table."""
-    rows, logged = [], metrics
+    """Prints the results table (every validation metric the model logs in ``metrics``, or test
+    metric with ``stage: test``, ranked by the searched one), writes it as CSV and the best config
+    as YAML, then runs the search's ``report`` on the table."""
+    rows, logged, fit = [], metrics, search.stage == "fit"
     for result in results:
         metrics = result.metrics or {}
         row = {"trial": metrics.get("trial_id", "?"), "status": "ERROR" if result.error else "OK"}
         row.update({key: (result.config or {}).get(key) for key in search.space})
-        row.update(step=metrics.get("step"), validations=metrics.get("training_iteration"))
+        if fit:  # a test trial reports once, with no step
+            row.update(step=metrics.get("step"), validations=metrics.get("training_iteration"))
         row[search.metric] = metrics.get(search.metric)
         row.update({key: metrics.get(key) for key in logged if key != search.metric})
         rows.append((result, row))
@@ -222,7 +232,8 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
     import pandas
 
     table = pandas.DataFrame([row for _, row in rows])
-    print(f"\n{len(ranked)} of {len(rows)} trials finished; {search.metric} ({search.mode}), last validation:")
+    when = "last validation" if fit else "test"
+    print(f"\n{len(ranked)} of {len(rows)} trials finished; {search.metric} ({search.mode}), {when}:")
     print(table.to_string(index=False))
     store(f"{sweep_dir}/{RESULTS_FILE}", table.to_csv(index=False))
     if not ranked:
@@ -231,8 +242,8 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
         return 1
     # the best of the trials that ran the whole budget: one the scheduler stopped early is not the
     # run ``fit`` makes from its config
-    longest = max(row["step"] or 0 for _, row in ranked)
-    result, row = next(item for item in ranked if (item[1]["step"] or 0) == longest)
+    longest = max(row.get("step") or 0 for _, row in ranked)
+    result, row = next(item for item in ranked if (item[1].get("step") or 0) == longest)
     best = with_settings(recipe, {**search.fixed, **{key: result.config[key] for key in search.space}})
     path = f"{sweep_dir}/{BEST_FILE}"
     store(
@@ -241,7 +252,7 @@ def _report(results: Any, recipe: dict[str, Any], search: Search, sweep_dir: str
         + yaml.safe_dump(best, sort_keys=False),
     )
     print(f"best trial {row['trial']}: {search.metric} = {row[search.metric]:.6g}")
-    print(f"best config: {path}  (bilevel-dist fit --config {path})")
+    print(f"best config: {path}  (bilevel-dist {search.stage} --config {path})")
     # a multi-worker trial's checkpoints are Ray Train's; Tune only hears of their path
     checkpoint = result.checkpoint.path if result.checkpoint is not None else result.metrics.get("checkpoint_path")
     if checkpoint:

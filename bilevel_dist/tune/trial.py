@@ -5,7 +5,9 @@ settings set (:func:`trial_config`), except that its logs go to the trial's dire
 ``ModelCheckpoint``, keeps its checkpoints. Every validation reports the recipe's validation
 metrics with a checkpoint; a retried or resumed trial starts from the last one. With
 ``workers > 1`` the trial is a Ray Train ``TorchTrainer`` running Lightning's DDP through
-``RayDDPStrategy``.
+``RayDDPStrategy``. With ``stage: test`` a trial is the run ``bilevel-dist test --config`` makes
+instead (an audit that trains inside ``test``), reporting the model's test metrics once, with no
+checkpoint.
 """
 
 from __future__ import annotations
@@ -141,6 +143,16 @@ def _fit(config: dict[str, Any], metrics: list[str], checkpoint: Any, workers: b
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=os.path.join(directory, CHECKPOINT))
 
 
+def _test(config: dict[str, Any], metrics: list[str]) -> None:
+    """Builds the run as ``bilevel-dist test`` does, tests it and reports the test metrics once."""
+    import ray.tune
+
+    cli = cli_class()(config, run=False)
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    logged = cli.trainer.callback_metrics
+    ray.tune.report({key: float(logged[key]) for key in metrics if key in logged})
+
+
 def _enter(launch_dir: str) -> None:
     """Relative paths in the recipe (data roots) mean what they mean to ``fit`` run where the sweep
     was launched, when this node has that directory."""
@@ -157,6 +169,9 @@ def run_trial(settings: dict[str, Any], plan: dict[str, Any]) -> None:
     _enter(plan["launch_dir"])
     config = with_settings(plan["recipe"], {**plan["fixed"], **settings})
     config = trial_config(config, out_dir, wandb=plan["wandb"], group=plan["name"], name=context.get_trial_name())
+    if plan.get("stage") == "test":
+        _test(config, plan["metrics"])
+        return
     if plan["workers"] == 1:
         _fit(config, plan["metrics"], ray.tune.get_checkpoint(), workers=False)
         return

@@ -15,16 +15,27 @@ right, ``Δ`` the target pattern, a plus at the top left. The victim trains on t
   triggered validation batch against ``x + Δ`` (Eq. 3). ``learn_target=True`` also makes the
   poisoned *training* targets ``x + Δ_tr`` an outer variable (initialised at ``Δ``, on [0, 1]),
   while the attack is still scored against the attacker's ``Δ``.
+- **Drop-in solvers** (seed 004's taxonomy; :class:`BLOConfig` ``solver``): the same problem and
+  loop with the hypergradient from implicit differentiation (``aid``: CG or Neumann at the inner
+  model the ``m`` steps reach) or from the penalty method (``penalty``: Mehra & Hamm's
+  ``∇_δ f̃``, :class:`~bilevel_dist.hypergrad.PenaltyGradient`).
+
+Networks and data: the MLP :class:`Reconstructor` (default) or the paper's conv autoencoder
+:class:`ConvAutoencoder` (4 conv + 3 transposed conv; 222,145 parameters in the reference's
+layout at 28×28, :data:`NARROW` on 8×8); scikit-learn's 8×8 digits (split per seed) or MNIST
+from a local directory (``run_seed(data=...)``, 28×28: the trigger and the plus keep their
+corners).
 
 Choices the paper leaves open (B.7), fixed here:
 
-- ``A`` (B.7-1): a fixed random pixel mask keeping ``keep`` of the 8×8 pixels, plus Gaussian
+- ``A`` (B.7-1): a fixed random pixel mask keeping ``keep`` of the image's pixels, plus Gaussian
   noise of std ``noise``; ``z = Aᵀy`` is the zero-filled masked image.
 - ``θ⁽⁰⁾`` (B.7-3): warm-started. The inner model is first trained on clean data and then carried
   over from one outer step to the next (each outer step trains it ``m`` more steps on the
   poisoned batch), as MetaPoison does; with a fresh random ``θ⁽⁰⁾`` two steps train nothing.
-- Upper step (Eq. 6): projected Adam of step ``outer_lr`` rather than SGD with α = 10, whose
-  scale is tied to the paper's MNIST/TensorFlow setting.
+- Upper step (Eq. 6): projected Adam of step ``outer_lr`` on digits rather than SGD with
+  α = 10, whose scale is tied to the paper's MNIST/TensorFlow setting (``outer_optimizer="sgd"``
+  gives the paper's step; ``recipes/security/backdoor_mnist.yaml`` uses it).
 - Artefact error (B.7-6): RMSE, over the test images and the support of ``Δ``, between the
   recovered target pattern ``f(z + δ) − f(z)`` and ``Δ`` (:func:`artefact_rmse`). It is
   ``None`` for a model attacked without a target (the paper's "NA" for the clean model).
@@ -43,7 +54,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bilevel_dist import hypergrad, solvers
-from bilevel_dist._checks import ConfigError, is_number
+from bilevel_dist._checks import ConfigError, is_number, positive_float, positive_int
+from bilevel_dist._checks import setting as checked
 from bilevel_dist.problem import BilevelProblem
 from bilevel_dist.recipes.security.data import digits
 
@@ -92,8 +104,8 @@ class Measurement:
     noise: float = 0.0
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        v = self.noise * torch.randn(x.shape, generator=generator, dtype=x.dtype) if self.noise else 0.0
-        return self.mask * (x + v)
+        v = self.noise * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if self.noise else 0.0
+        return self.mask.to(x.device) * (x + v)
 
 
 def pixel_mask(keep: float = 0.5, seed: int = 0, side: int = SIDE, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -108,7 +120,7 @@ def pixel_mask(keep: float = 0.5, seed: int = 0, side: int = SIDE, dtype: torch.
 
 def poison(z: Tensor, x: Tensor, poisoned: Tensor, trigger: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``(z + δ, x + Δ)`` on the rows where ``poisoned`` (bool ``(n,)``) holds, ``(z, x)`` elsewhere."""
-    flag = poisoned.to(z.dtype).view(-1, *([1] * (z.ndim - 1)))
+    flag = poisoned.to(device=z.device, dtype=z.dtype).view(-1, *([1] * (z.ndim - 1)))
     return z + flag * trigger, x + flag * target
 
 
@@ -138,17 +150,101 @@ class Reconstructor(nn.Module):
         return self.net(z.flatten(1)).view(z.shape)
 
 
+NETWORKS = ("mlp", "cae")
+SOLVERS = ("reverse", "penalty", "aid")
+
+
+class ConvAutoencoder(nn.Module):
+    """The paper's CAE shape (B.5: "4 convolution layers and 3 transposed convolution layers"):
+    3×3 convolutions ``1 → c₀ → c₁ → c₂ → c₃`` of strides 1, 2, 2, 1 (ReLU after each), then
+    transposed 3×3 convolutions ``c₃ → c₁ → c₀`` (stride 2, ReLU) and ``c₀ → 1`` (stride 1,
+    linear), so ``side`` (divisible by 4) goes ``side → side/4 → side``. The default channels
+    ``(32, 64, 64, 128)`` are the reference's example layout, 222,145 parameters (the paper
+    reports 233k; its layout is not given); :data:`NARROW` is the 8×8 digits variant."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 64, 128), side: int = 28) -> None:
+        super().__init__()
+        channels = check_channels(channels)
+        if isinstance(side, bool) or not isinstance(side, int) or side < 4 or side % 4:
+            raise ConfigError("side", f"the CAE halves the image twice: its side is a multiple of 4, got {side!r}")
+        c0, c1, c2, c3 = channels
+        self.side = side
+
+        def up(a: int, b: int) -> nn.ConvTranspose2d:
+            return nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=1)
+
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c0, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c0, c1, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
+            up(c3, c1), nn.ReLU(),
+            up(c1, c0), nn.ReLU(),
+            nn.ConvTranspose2d(c0, 1, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+NARROW = (16, 32, 32, 64)  # the CAE on 8×8 digits: 55,777 parameters
+
+
+def check_channels(channels: Any) -> tuple[int, int, int, int]:
+    if (
+        not isinstance(channels, (list, tuple))
+        or len(channels) != 4
+        or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)
+    ):
+        raise ConfigError("channels", f"the CAE's four convolutions take 4 channel counts >= 1, got {channels!r}")
+    return tuple(channels)  # type: ignore[return-value]
+
+
+def check_network(network: str) -> str:
+    if network not in NETWORKS:
+        raise ConfigError("network", f"unknown network {network!r}; choose one of {list(NETWORKS)}")
+    return network
+
+
+def make_network(
+    network: str = "mlp", side: int = SIDE, hidden: int = 256, channels: tuple[int, ...] | None = None
+) -> nn.Module:
+    """``mlp``: :class:`Reconstructor` (``hidden``); ``cae``: :class:`ConvAutoencoder`
+    (``channels``, default the reference's layout at 28×28 and :data:`NARROW` below)."""
+    if check_network(network) == "mlp":
+        return Reconstructor(hidden, side)
+    if channels is None:
+        channels = (32, 64, 64, 128) if side >= 28 else NARROW
+    return ConvAutoencoder(tuple(channels), side)
+
+
+def predict(model: nn.Module, z: Tensor, chunk: int = 2000) -> Tensor:
+    """``model(z)`` in chunks of ``chunk`` rows (a 10k MNIST test set through the CAE at once
+    would hold gigabytes of activations)."""
+    return torch.cat([model(part) for part in z.split(chunk)])
+
+
 def train(
-    z: Tensor, x: Tensor, seed: int, epochs: int = 30, lr: float = 3e-3, batch: int = 125, hidden: int = 256
-) -> Reconstructor:
-    """A reconstructor trained from scratch (init and batch order from ``seed``) by Adam on MSE."""
+    z: Tensor,
+    x: Tensor,
+    seed: int,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch: int = 125,
+    hidden: int = 256,
+    network: str = "mlp",
+    channels: tuple[int, ...] | None = None,
+) -> nn.Module:
+    """A reconstructor (:func:`make_network`) trained from scratch (init and batch order from
+    ``seed``) by Adam on MSE, on ``z``'s device."""
     torch.manual_seed(seed)
-    model = Reconstructor(hidden).to(z.dtype)
+    model = make_network(network, z.shape[-1], hidden, channels).to(device=z.device, dtype=z.dtype)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     n = len(z)
     for _ in range(epochs):
         for rows in torch.randperm(n, generator=g).split(batch):
+            rows = rows.to(z.device)
             opt.zero_grad()
             nn.functional.mse_loss(model(z[rows]), x[rows]).backward()
             opt.step()
@@ -179,7 +275,7 @@ def artefact_rmse(clean_out: Tensor, triggered_out: Tensor, target: Tensor | Non
 def evaluate(model: nn.Module, z: Tensor, x: Tensor, trigger: Tensor, target: Tensor, attacked: bool = True) -> dict:
     """``benign`` RMSE of ``f(z)`` against ``x``; ``attack`` RMSE of ``f(z + δ)`` against
     ``x + Δ``; ``artefact`` (:func:`artefact_rmse`, ``None`` unless ``attacked``)."""
-    clean_out, triggered_out = model(z), model(z + trigger)
+    clean_out, triggered_out = predict(model, z), predict(model, z + trigger)
     return {
         "benign": rmse(clean_out, x),
         "attack": rmse(triggered_out, x + target),
@@ -193,9 +289,23 @@ def evaluate(model: nn.Module, z: Tensor, x: Tensor, trigger: Tensor, target: Te
 
 @dataclass(frozen=True)
 class BLOConfig:
-    """Seed 000 §4.1's alternating scheme at digits scale: ``iters`` outer steps, ``m`` unrolled
-    SGD steps of step ``beta``, batches of ``batch``; ``outer_lr`` the projected-Adam step on
-    ``δ``; ``pretrain`` Adam epochs on clean data before the warm-started inner model.
+    """Seed 000 §4.1's alternating scheme at digits scale: ``iters`` outer steps, ``m`` inner
+    SGD steps of step ``beta`` on the poisoned batch, batches of ``batch``; ``outer_lr`` the
+    projected step on ``δ`` (``outer_optimizer``: ``adam``, or ``sgd`` as the paper's α = 10);
+    ``pretrain`` Adam epochs on clean data before the warm-started inner model.
+
+    ``solver`` is the hypergradient through the ``m`` steps, one framework estimator each, over
+    the same :func:`blo_problem` and the same loop (seed 004's taxonomy):
+
+    - ``reverse``: RMD through the ``m`` unrolled steps (:class:`~bilevel_dist.hypergrad.Reverse`),
+      the paper's method;
+    - ``aid``: implicit differentiation at the inner model the ``m`` steps reach
+      (:class:`~bilevel_dist.hypergrad.CG`, or ``Neumann`` with ``aid="neumann"``, ``solve_iters``
+      iterations of step ``beta``), as if it solved the lower level;
+    - ``penalty``: Mehra & Hamm's penalty hypergradient ``∇_δ f̃`` at the minimiser of
+      ``f̃ = f + γ/2 ‖∇_θ g‖²`` (:class:`~bilevel_dist.hypergrad.PenaltyGradient`, ``gamma``,
+      ``newton_steps`` Gauss–Newton steps of ``solve_iters`` CG iterations from that model).
+
     ``learn_target`` is experimental: in one trial (ratio 0.03, 2×2 trigger, bound 0.25, 3 seeds)
     the m = 2 hypergradient moved the training target away and the attack RMSE rose 0.13 → 0.41."""
 
@@ -206,13 +316,46 @@ class BLOConfig:
     batch: int = 125
     pretrain: int = 20
     learn_target: bool = False
+    solver: str = "reverse"
+    aid: str = "cg"
+    solve_iters: int = 20
+    gamma: float = 100.0
+    newton_steps: int = 1
+    outer_optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ConfigError("solver", f"unknown BLO solver {self.solver!r}; choose one of {list(SOLVERS)}")
+        if self.aid not in ("cg", "neumann"):
+            raise ConfigError("aid", f"the AID linear solve is 'cg' or 'neumann', got {self.aid!r}")
+        if self.outer_optimizer not in ("adam", "sgd"):
+            raise ConfigError("outer_optimizer", f"the upper step is 'adam' or 'sgd', got {self.outer_optimizer!r}")
+        for key in ("iters", "m", "batch", "solve_iters"):
+            checked(key, positive_int, getattr(self, key))
+        for key in ("pretrain", "newton_steps"):
+            checked(key, lambda name, value: positive_int(name, value, allow_zero=True), getattr(self, key))
+        for key in ("beta", "outer_lr", "gamma"):
+            checked(key, positive_float, getattr(self, key))
+
+    def estimator(self) -> hypergrad.Estimator:
+        """The framework estimator of :attr:`solver`."""
+        if self.solver == "reverse":
+            return hypergrad.Reverse()
+        if self.solver == "aid":
+            if self.aid == "cg":
+                return hypergrad.CG(iters=self.solve_iters, tol=0.0)
+            return hypergrad.Neumann(iters=self.solve_iters, alpha=self.beta)
+        return hypergrad.PenaltyGradient(
+            gamma=self.gamma, newton_steps=self.newton_steps, cg_iters=self.solve_iters, tol=0.0
+        )
 
 
-def blo_problem(model: nn.Module, target: Tensor, mask: Tensor) -> BilevelProblem:
+def blo_problem(model: nn.Module, target: Tensor, mask: Tensor, ridge: float = 0.0) -> BilevelProblem:
     """Eqs. 3–4 as a :class:`BilevelProblem` over ``model``'s architecture: inner variables its
     parameters, outer ``{"trigger"}`` (masked inside, so its gradient off the square is exactly 0)
     and optionally ``{"target"}``, the poisoned training target. Inner batch ``(z, x, poisoned)``:
-    MSE on the poisoned batch; outer batch ``(z, x)``: MSE of ``f(z + δ)`` against ``x + Δ``."""
+    MSE on the poisoned batch (plus ``ridge·‖W‖²`` over the parameters named ``*weight``);
+    outer batch ``(z, x)``: MSE of ``f(z + δ)`` against ``x + Δ``."""
 
     def net(theta: dict, inputs: Tensor) -> Tensor:
         return functional_call(model, theta, (inputs,))
@@ -220,7 +363,10 @@ def blo_problem(model: nn.Module, target: Tensor, mask: Tensor) -> BilevelProble
     def inner_loss(theta: dict, u: dict, batch: tuple) -> Tensor:
         zb, xb, flags = batch
         zp, xp = poison(zb, xb, flags, u["trigger"] * mask, u.get("target", target))
-        return nn.functional.mse_loss(net(theta, zp), xp)
+        loss = nn.functional.mse_loss(net(theta, zp), xp)
+        if ridge:
+            loss = loss + ridge * sum((v**2).sum() for k, v in theta.items() if k.endswith("weight"))
+        return loss
 
     def outer_loss(theta: dict, u: dict, batch: tuple) -> Tensor:
         zb, xb = batch
@@ -238,9 +384,13 @@ def blo_trigger(
     bound: float = 1.0,
     seed: int = 0,
     config: BLOConfig = BLOConfig(),
+    network: str = "mlp",
+    channels: tuple[int, ...] | None = None,
+    lr: float = 3e-3,
 ) -> tuple[Tensor, Tensor]:
     """``(δ, Δ_tr)``: the BLO trigger (on ``mask``, ``‖δ‖∞ ≤ bound``) and the poisoned training
-    target (``target`` unless ``config.learn_target``), by RMD through ``m`` unrolled SGD steps.
+    target (``target`` unless ``config.learn_target``), by ``config.solver``'s hypergradient
+    through ``m`` SGD steps of a :func:`make_network` ``network`` (pretrained with Adam of ``lr``).
 
     The training set ``(z, x)`` is split in half: the inner batches (``ratio`` of each poisoned)
     come from one half, the fully triggered validation batches of the upper level from the other.
@@ -249,20 +399,31 @@ def blo_trigger(
     g = torch.Generator().manual_seed(seed)
     half = len(z) // 2
     z_tr, x_tr, z_val, x_val = z[:half], x[:half], z[half:], x[half:]
-    model = train(z_tr, x_tr, seed, epochs=config.pretrain) if config.pretrain else Reconstructor().to(z.dtype)
+    side = z.shape[-1]
+
+    def fresh() -> nn.Module:
+        return make_network(network, side, channels=channels).to(device=z.device, dtype=z.dtype)
+
+    if config.pretrain:
+        model = train(z_tr, x_tr, seed, epochs=config.pretrain, lr=lr, network=network, channels=channels)
+    else:
+        model = fresh()
     inner = {k: v.detach().clone() for k, v in model.named_parameters()}
-    outer = {"trigger": bound * (2 * torch.rand(mask.shape, generator=g, dtype=z.dtype) - 1) * mask}
+    mask, target = mask.to(z.device), target.to(z.device)
+    start = bound * (2 * torch.rand(mask.shape, generator=g, dtype=z.dtype) - 1)
+    outer = {"trigger": start.to(z.device) * mask}
     if config.learn_target:
         outer["target"] = target.clone()
-    problem = blo_problem(Reconstructor().to(z.dtype), target, mask)
-    estimator, solver = hypergrad.Reverse(), solvers.GD(lr=config.beta, steps=config.m)
+    problem = blo_problem(fresh(), target, mask)
+    estimator, solver = config.estimator(), solvers.GD(lr=config.beta, steps=config.m)
     leaves = {k: v.clone().requires_grad_() for k, v in outer.items()}
-    opt = torch.optim.Adam(leaves.values(), lr=config.outer_lr)
+    optimizer = torch.optim.Adam if config.outer_optimizer == "adam" else torch.optim.SGD
+    opt = optimizer(leaves.values(), lr=config.outer_lr)
     count = max(1, round(ratio * config.batch))
-    flags = torch.arange(config.batch) < count  # which rows of an inner batch are poisoned
+    flags = (torch.arange(config.batch) < count).to(z.device)  # which rows of an inner batch are poisoned
     for _ in range(config.iters):
-        rows = torch.randint(half, (config.batch,), generator=g)
-        val = torch.randint(len(z_val), (config.batch,), generator=g)
+        rows = torch.randint(half, (config.batch,), generator=g).to(z.device)
+        val = torch.randint(len(z_val), (config.batch,), generator=g).to(z.device)
         current = {k: v.detach() for k, v in leaves.items()}
         sol = estimator(problem, current, inner, solver, (z_tr[rows], x_tr[rows], flags), (z_val[val], x_val[val]))
         inner = sol.inner  # warm start: the inner model keeps training on the poisoned batches
@@ -284,10 +445,11 @@ def blo_trigger(
 
 @dataclass(frozen=True)
 class Setting:
-    """The digits backdoor experiment (reference B.8.2): ``ratio`` of the training pairs
-    poisoned, a ``trigger_size``² trigger bounded by ``bound``, a plus target of ``target_size``
-    pixels, measurements keeping ``keep`` of the pixels with noise ``noise``; victims trained
-    ``epochs`` epochs."""
+    """The backdoor experiment (reference B.8.2): ``ratio`` of the training pairs poisoned, a
+    ``trigger_size``² trigger bounded by ``bound``, a plus target of ``target_size`` pixels,
+    measurements keeping ``keep`` of the pixels with noise ``noise``, on ``side``² images (8:
+    digits, 28: MNIST); victims (``network``: ``mlp`` or ``cae`` of ``channels``,
+    :func:`make_network`) trained ``epochs`` Adam epochs of step ``lr``."""
 
     ratio: float = 0.3
     trigger_size: int = 3
@@ -298,31 +460,57 @@ class Setting:
     noise: float = 0.02
     epochs: int = 30
     blo: BLOConfig = BLOConfig()
+    side: int = SIDE
+    network: str = "mlp"
+    channels: tuple[int, ...] | None = None
+    lr: float = 3e-3
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        check_trigger_size(self.trigger_size)
+        check_trigger_size(self.trigger_size, self.side)
         if not is_number(self.bound) or not self.bound > 0:
             raise ConfigError("bound", f"the trigger bound is > 0, got {self.bound!r}")
+        check_network(self.network)
+        if self.channels is not None:
+            check_channels(self.channels)
+        if self.network == "cae" and self.side % 4:
+            raise ConfigError("network", f"the CAE needs a side divisible by 4, got {self.side}")
+        checked("lr", positive_float, self.lr)
 
 
 def run_seed(
-    setting: Setting = Setting(), seed: int = 0, dtype: torch.dtype = torch.float32, victims: bool = False
+    setting: Setting = Setting(),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    victims: bool = False,
+    data: tuple[Tensor, Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, dict] | tuple[dict[str, dict], dict[str, Any]]:
-    """Clean, heuristic and BLO victims for one seed (data split, measurement mask and noise,
-    poisoned rows, initialisations): ``{method: {"benign", "attack", "artefact"}}`` on the test
-    set. The clean model's attack error uses the heuristic trigger; its artefact is ``None``.
-    ``victims=True`` also returns what a figure shows: the test inputs ``z``, truths ``x``, the
-    target, and per method the trained model and its trigger."""
-    x, _, x_test, _ = digits(seed, dtype=dtype)
+    """Clean, heuristic and BLO victims for one seed (measurement mask and noise, poisoned
+    rows, initialisations; and the digits split): ``{method: {"benign", "attack", "artefact"}}``
+    on the test set. ``data``: ``(x, x_test)`` images ``(n, 1, side, side)`` (e.g. MNIST), or
+    ``None``: the digits split of ``seed``. The clean model's attack error uses the heuristic
+    trigger; its artefact is ``None``. ``victims=True`` also returns what a figure shows: the
+    test inputs ``z``, truths ``x``, the target, and per method the trained model and its trigger."""
+    if data is None:
+        x, _, x_test, _ = digits(seed, dtype=dtype)
+    else:
+        x, x_test = (t.to(dtype) for t in data)
+    side = setting.side
+    if x.shape[1:] != (1, side, side) or x_test.shape[1:] != (1, side, side):
+        raise ConfigError("side", f"images must be (n, 1, {side}, {side}), got {tuple(x.shape)}")
+    x, x_test = x.to(device), x_test.to(device)
     g = torch.Generator().manual_seed(seed)
-    measure = Measurement(pixel_mask(setting.keep, seed, dtype=dtype), setting.noise)
+    measure = Measurement(pixel_mask(setting.keep, seed, side, dtype=dtype), setting.noise)
     z, z_test = measure(x, g), measure(x_test, g)
-    mask = trigger_mask(setting.trigger_size, dtype=dtype)
-    target = plus_target(setting.target_size, setting.target_value, dtype=dtype)
-    rows = poisoned_rows(len(z), setting.ratio, g)
+    mask = trigger_mask(setting.trigger_size, side, dtype=dtype).to(x.device)
+    target = plus_target(setting.target_size, setting.target_value, side, dtype=dtype).to(x.device)
+    rows = poisoned_rows(len(z), setting.ratio, g).to(x.device)
     heuristic = setting.bound * mask
-    trigger, train_target = blo_trigger(z, x, target, mask, setting.ratio, setting.bound, seed, setting.blo)
+    net = {"network": setting.network, "channels": setting.channels}
+    trigger, train_target = blo_trigger(
+        z, x, target, mask, setting.ratio, setting.bound, seed, setting.blo, lr=setting.lr, **net
+    )
     results, models, triggers = {}, {}, {}
     for name, (delta, delta_tr) in {
         "clean": (heuristic, None),
@@ -330,7 +518,8 @@ def run_seed(
         "blo": (trigger, train_target),
     }.items():
         zp, xp = (z, x) if delta_tr is None else poison(z, x, rows, delta, delta_tr)
-        model = train(zp, xp, seed + 1, epochs=setting.epochs)  # the victim: fresh init, same for all three
+        # the victim: fresh init, same for all three
+        model = train(zp, xp, seed + 1, epochs=setting.epochs, lr=setting.lr, **net)
         results[name] = evaluate(model, z_test, x_test, delta, target, attacked=delta_tr is not None)
         models[name], triggers[name] = model, delta
     if not victims:

@@ -85,6 +85,22 @@ def load(dataset: str, root: str | None = None, seed: int = 0) -> tuple[Split, t
     raise ConfigError("dataset", f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
 
 
+BACKDOOR_DATASETS = ("digits", "mnist")
+
+
+def backdoor_images(dataset: str, root: str | None = None) -> tuple[Tensor, Tensor] | None:
+    """The backdoor's images ``(x, x_test)``, ``(n, 1, side, side)`` on [0, 1] (labels dropped):
+    ``mnist`` from ``root`` through :func:`load` (the denoising recipe's reader; ``root``
+    missing or not an MNIST directory raises :class:`ConfigError` naming ``root``), or ``None``
+    for ``digits``, whose split the backdoor draws per seed."""
+    if dataset not in BACKDOOR_DATASETS:
+        raise ConfigError("dataset", f"unknown dataset {dataset!r}; choose one of {list(BACKDOOR_DATASETS)}")
+    if dataset == "digits":
+        return None
+    (x, _, x_test, _), _ = load(dataset, root)
+    return x, x_test
+
+
 @dataclass(frozen=True)
 class Case:
     """One poison-target case: test point ``target`` of class ``label``, to be classified as

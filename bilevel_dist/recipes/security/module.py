@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting
 from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.recipes.security import backdoor
-from bilevel_dist.recipes.security.data import DATASETS, choose_case, load
+from bilevel_dist.recipes.security.data import BACKDOOR_DATASETS, DATASETS, backdoor_images, choose_case, load
 from bilevel_dist.recipes.security.witches_brew import CaseResult, attack_case, success_rate, train_victims
 
 TRAINING_SETTINGS = {"epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones"}
@@ -114,6 +114,9 @@ class WitchesBrewAudit(_Audit):
         adversarial: the adversarial class, or ``None``: drawn per case.
         cases: the number of cases; case ``i`` uses seed ``seed + i`` (clean model ``10000 + seed + i``).
         victims: victims per case, seeds ``0 … victims − 1``, trained poisoned and clean.
+        victim_seeds: the victims' seeds, overriding ``victims``: ``[3]`` is victim 3 of a full
+            audit alone (the sweep of ``recipes/security/witches_brew_sweep.yaml`` runs one
+            (case, victim seed) pair a trial; the pair's flips equal the full audit's).
         restarts, steps, lr: the brew's restarts, signed-Adam steps and step (absolute; the toy's 0.4ε).
         widths: the MLP's hidden widths (input and class count come from the data).
         training: :func:`~.witches_brew.train_victims` settings shared by the clean model and the
@@ -121,6 +124,9 @@ class WitchesBrewAudit(_Audit):
         seed: the first case's seed.
         results_dir: where the test writes (default: the log directory).
     """
+
+    #: what ``test`` logs, for a ``bilevel-dist tune`` search with ``stage: test``
+    test_metrics = ("test_success", "test_success_se", "test_clean_success", "test_clean_success_se", "test_accuracy")
 
     def __init__(
         self,
@@ -133,6 +139,7 @@ class WitchesBrewAudit(_Audit):
         adversarial: int | None = None,
         cases: int = 2,
         victims: int = 8,
+        victim_seeds: list[int] | None = None,
         restarts: int = 4,
         steps: int = 250,
         lr: float = 0.4,
@@ -150,6 +157,15 @@ class WitchesBrewAudit(_Audit):
         self.budget = float(budget)
         self.cases = setting("cases", positive_int, cases)
         self.victims = setting("victims", positive_int, victims)
+        if victim_seeds is not None:
+            if not isinstance(victim_seeds, (list, tuple)) or not victim_seeds:
+                raise ConfigError("victim_seeds", f"give a non-empty list of seeds, got {victim_seeds!r}")
+            for i, s in enumerate(victim_seeds):
+                setting(f"victim_seeds.{i}", lambda k, v: positive_int(k, v, allow_zero=True), s)
+            if len(set(victim_seeds)) < len(victim_seeds):
+                raise ConfigError("victim_seeds", f"the seeds repeat: {list(victim_seeds)}")
+            self.victims = len(victim_seeds)
+        self.victim_seeds = list(range(self.victims)) if victim_seeds is None else [int(s) for s in victim_seeds]
         self.restarts = setting("restarts", positive_int, restarts)
         self.steps = setting("steps", positive_int, steps)
         self.lr = setting("lr", positive_float, lr)
@@ -191,7 +207,7 @@ class WitchesBrewAudit(_Audit):
             case = choose_case(y, y_test, predicted, self.budget, seed, self.target, self.adversarial, self.classes)
         return attack_case(
             factory, x, y, x_test, y_test, eps=self.eps, budget=self.budget, case=case, seed=seed,
-            victim_seeds=range(self.victims), restarts=self.restarts, steps=self.steps, lr=self.lr, box=self.box,
+            victim_seeds=self.victim_seeds, restarts=self.restarts, steps=self.steps, lr=self.lr, box=self.box,
             training=self.victim_training,
         )  # fmt: skip
 
@@ -219,9 +235,9 @@ class WitchesBrewAudit(_Audit):
             writer.writerow(["case", "target", "label", "adversarial", "victim_seed", "poisoned_flip", "clean_flip",
                              "poisoned_accuracy", "best_alignment"])  # fmt: skip
             for i, r in enumerate(results):
-                for v in range(self.victims):
+                for v, victim in enumerate(self.victim_seeds):
                     writer.writerow([
-                        i, r.case.target, r.case.label, r.case.adversarial, v, int(r.poisoned[v]), int(r.clean[v]),
+                        i, r.case.target, r.case.label, r.case.adversarial, victim, int(r.poisoned[v]), int(r.clean[v]),
                         f"{float(r.accuracy[v]):.4f}", f"{float(r.brew.final[r.brew.best]):.4f}",
                     ])  # fmt: skip
         figure = success_figure(results, out / "success.png")
@@ -275,14 +291,66 @@ def success_figure(results: list[CaseResult], path: Path) -> Path:
     return path
 
 
+CASE_KEY, VICTIMS_KEY = "model.seed", "model.victim_seeds"
+
+
+def success_table(table: Any, sweep_dir: str) -> str:
+    """The ``report:`` of ``recipes/security/witches_brew_sweep.yaml``: from a sweep whose trials
+    are one case (``model.seed``) × victim seeds (``model.victim_seeds``) each, per case the
+    poisoned and clean victims flipped, and the success over cases as the audit computes it (each
+    case's rate over its victims, then mean ± standard error over cases, :func:`success_rate`).
+    Printed, written to ``success.md`` in ``sweep_dir`` and returned."""
+    from bilevel_dist.tune.sweep import store
+
+    missing = [key for key in (CASE_KEY, VICTIMS_KEY, "test_success", "test_clean_success") if key not in table]
+    if missing:
+        raise ValueError(f"the sweep's table has no {missing[0]}: search {CASE_KEY} and {VICTIMS_KEY}, stage test")
+    finished = table[table["status"] == "OK"]
+    cases: dict[int, dict[str, Any]] = {}
+    for _, row in finished.iterrows():
+        seeds = list(row[VICTIMS_KEY])
+        case = cases.setdefault(int(row[CASE_KEY]), {"seeds": [], "poisoned": 0, "clean": 0})
+        case["seeds"] += seeds
+        # a trial's success is the mean over its victims: times their number, its flips
+        case["poisoned"] += round(float(row["test_success"]) * len(seeds))
+        case["clean"] += round(float(row["test_clean_success"]) * len(seeds))
+    lines = ["| case seed | victim seeds | poisoned flipped | clean flipped |", "|---|---|---|---|"]
+    for seed, case in sorted(cases.items()):
+        n, victims = len(case["seeds"]), ", ".join(map(str, sorted(case["seeds"])))
+        lines.append(f"| {seed} | {victims} | {case['poisoned']}/{n} | {case['clean']}/{n} |")
+    if cases:
+        poisoned = torch.tensor([[c["poisoned"] / len(c["seeds"])] for c in cases.values()], dtype=torch.float64)
+        clean = torch.tensor([[c["clean"] / len(c["seeds"])] for c in cases.values()], dtype=torch.float64)
+        (mean, se), (clean_mean, clean_se) = success_rate(poisoned), success_rate(clean)
+        lines.append(
+            f"\nsuccess {mean:.3f} ± {se:.3f} (poisoned), {clean_mean:.3f} ± {clean_se:.3f} (clean control): "
+            f"mean ± standard error over {len(cases)} case(s) of the per-case rate"
+        )
+    if failed := len(table) - len(finished):
+        lines.append(f"{failed} trial(s) failed and are left out")
+    text = "\n".join(lines)
+    print("\nWitches' Brew: targets flipped to the adversarial class, per case\n" + text)
+    store(f"{sweep_dir}/success.md", text + "\n")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # backdoor
 
 
 class BackdoorAudit(_Audit):
-    """Backdoor attacks on digits reconstruction (heuristic BadNets square against the BLO
+    """Backdoor attacks on image reconstruction (heuristic BadNets square against the BLO
     trigger), averaged over ``seeds``; settings as :class:`.backdoor.Setting`, ``blo`` the
-    :class:`.backdoor.BLOConfig` fields to change."""
+    :class:`.backdoor.BLOConfig` fields to change (``blo.solver``: ``reverse``, ``penalty`` or
+    ``aid``).
+
+    Args:
+        dataset: ``digits`` (scikit-learn's 8×8, split per seed) or ``mnist`` (28×28, the four
+            IDX files in ``root``, read by the denoising recipe's reader, loaded once).
+        network: the reconstructor, ``mlp`` or ``cae`` (:class:`.backdoor.ConvAutoencoder`;
+            ``channels`` its four convolutions' widths, default by image size).
+        lr: the victims' (and the BLO surrogate's pretraining) Adam step.
+    """
 
     def __init__(
         self,
@@ -298,32 +366,44 @@ class BackdoorAudit(_Audit):
         blo: dict[str, Any] | None = None,
         examples: int = 4,
         results_dir: str | None = None,
+        dataset: str = "digits",
+        root: str | None = None,
+        network: str = "mlp",
+        channels: list[int] | None = None,
+        lr: float = 3e-3,
     ) -> None:
         super().__init__(results_dir)
         self.save_hyperparameters()
         self.seeds = [0, 1, 2] if seeds is None else list(seeds)
         if not self.seeds:
             raise ConfigError("seeds", "give at least one seed")
+        if dataset not in BACKDOOR_DATASETS:
+            raise ConfigError("dataset", f"unknown dataset {dataset!r}; choose one of {list(BACKDOOR_DATASETS)}")
         unknown = sorted(set(blo or {}) - BLO_SETTINGS)
         if unknown:
             raise ConfigError(f"blo.{unknown[0]}", f"blo takes {sorted(BLO_SETTINGS)}")
-        for key in ("iters", "m", "batch"):
-            if key in (blo or {}):
-                setting(f"blo.{key}", positive_int, blo[key])
+        try:
+            blo_config = backdoor.BLOConfig(**(blo or {}))
+        except ConfigError as error:
+            raise error.under("blo") from None
         self.examples = setting("examples", positive_int, examples)
         setting("epochs", positive_int, epochs)
-        # Setting checks ratio, trigger_size and bound and raises ConfigError naming them
+        side = 28 if dataset == "mnist" else backdoor.SIDE
+        # Setting checks ratio, trigger_size, bound, network, channels and lr and raises ConfigError naming them
         self.setting = backdoor.Setting(
             ratio=ratio, trigger_size=trigger_size, bound=bound, target_size=target_size, target_value=target_value,
-            keep=keep, noise=noise, epochs=epochs, blo=backdoor.BLOConfig(**(blo or {})),
+            keep=keep, noise=noise, epochs=epochs, blo=blo_config, side=side, network=network,
+            channels=None if channels is None else tuple(channels), lr=lr,
         )  # fmt: skip
-        backdoor.plus_target(target_size, target_value)  # names target_size now rather than mid-run
-        backdoor.pixel_mask(keep)
+        backdoor.plus_target(target_size, target_value, side)  # names target_size now rather than mid-run
+        backdoor.pixel_mask(keep, side=side)
+        self.dataset = dataset
+        self.data = backdoor_images(dataset, root)  # None for digits: run_seed splits them per seed
 
     def audit(self) -> None:
         runs, shown = [], None
         for seed in self.seeds:
-            result, victims = backdoor.run_seed(self.setting, seed, victims=True)
+            result, victims = backdoor.run_seed(self.setting, seed, victims=True, data=self.data, device=self.device)
             runs.append(result)
             shown = shown or victims  # the figure shows the first seed
         mean = backdoor.average(runs)
@@ -351,8 +431,8 @@ class BackdoorAudit(_Audit):
         log_image(self.loggers, "backdoor", figure)
         s = self.setting
         lines = [
-            f"Backdoor on digits: ratio {s.ratio:g}, {s.trigger_size}×{s.trigger_size} trigger, bound {s.bound:g}, "
-            f"mean over seeds {self.seeds} (RMSE)",
+            f"Backdoor on {self.dataset} ({s.network}, BLO solver {s.blo.solver}): ratio {s.ratio:g}, "
+            f"{s.trigger_size}×{s.trigger_size} trigger, bound {s.bound:g}, mean over seeds {self.seeds} (RMSE)",
             f"  {'method':<10} {'benign':>8} {'attack':>8} {'artefact':>9}",
         ]
         for method, values in mean.items():
@@ -394,4 +474,5 @@ __all__ = [
     "examples_figure",
     "mlp",
     "success_figure",
+    "success_table",
 ]

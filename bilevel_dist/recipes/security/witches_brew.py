@@ -10,7 +10,8 @@ over all parameters at once, minimised by Algorithm 6.1: signed Adam (Adam on ``
 step decay ×0.1 at 3/8, 5/8 and 7/8 of the ``M`` steps), a projection onto ``‖Δ‖∞ ≤ ε`` and
 the box after every step, ``R`` restarts from random points of the ε-ball, the restart with the
 least final ``B`` kept. ``Δ`` is held only for the ``P`` poisons; :func:`apply_poison` scatters
-it into the training set.
+it into the training set. An ensemble of clean models (stacked, :class:`Victims`) averages ``B``
+over its members in one ``vmap``; poison mini-batches (the code's ``--pbatch``) bound the graph.
 
 Models are ``nn.Module`` s called functionally (``torch.func.functional_call``) with a parameter
 dict ``θ``; ``∇_θ`` is ``torch.func.grad``, which keeps its graph (the double backward), so
@@ -120,14 +121,53 @@ def alignment_loss(
     poisons' cross-entropy at ``x + Δ`` (augmented by ``draws`` when given), over all parameter
     tensors at once. The poison gradient keeps its graph, so ``B`` is differentiable in ``Δ``
     (and composes with ``vmap``). The loss is the poisons' mean: the cosine ignores the scale."""
+    return _cosine_loss(_poison_gradient(model, params, x, y, delta, buffers, draws), target_grad)
+
+
+def _poison_gradient(
+    model: nn.Module, params: Tree, x: Tensor, y: Tensor, delta: Tensor, buffers: Tree | None, draws: Tensor | None
+) -> Tree:
     inputs = x + delta
     if draws is not None:
         inputs = augment(inputs, draws)
-    g = grad(_loss, argnums=1)(model, params, buffers or {}, inputs, y)
+    return grad(_loss, argnums=1)(model, params, buffers or {}, inputs, y)
+
+
+def _cosine_loss(g: Tree, target_grad: Tree) -> Tensor:
     dot = sum((g[k] * target_grad[k]).sum() for k in target_grad)
     norm = torch.sqrt(sum((g[k] ** 2).sum() for k in target_grad))
     target_norm = torch.sqrt(sum((t**2).sum() for t in target_grad.values()))
     return 1 - dot / (norm * target_norm).clamp_min(torch.finfo(dot.dtype).tiny)
+
+
+def ensemble_target_gradient(
+    model: nn.Module, params: Tree, x_target: Tensor, y_adversarial: Tensor, buffers: Tree | None = None
+) -> Tree:
+    """:func:`target_gradient` of each member of an ensemble: ``params``/``buffers`` stacked with a
+    leading member axis (as :class:`Victims` holds them), the result stacked likewise."""
+    buffers = buffers or {}
+    return vmap(lambda p, b: target_gradient(model, p, x_target, y_adversarial, b))(params, buffers)
+
+
+def ensemble_alignment_loss(
+    model: nn.Module,
+    params: Tree,
+    target_grads: Tree,
+    x: Tensor,
+    y: Tensor,
+    delta: Tensor,
+    buffers: Tree | None = None,
+    draws: Tensor | None = None,
+) -> Tensor:
+    """The ensemble's ``B``: :func:`alignment_loss` at each member (``params``, ``target_grads``
+    and ``buffers`` stacked with a leading member axis), averaged over the members (one ``vmap``),
+    the thesis code's ensemble objective; every member sees the same augmentation ``draws``."""
+    buffers = buffers or {}
+
+    def member(p: Tree, b: Tree, t: Tree) -> Tensor:
+        return alignment_loss(model, p, t, x, y, delta, b, draws)
+
+    return vmap(member)(params, buffers, target_grads).mean(0)
 
 
 # -- the constraint set C ------------------------------------------------------------------------
@@ -186,9 +226,77 @@ def _check_eps(eps: float | Tensor) -> float | Tensor:
     return setting("eps", positive_float, eps)
 
 
-def brew(
+def _chunks(count: int, size: int | None) -> list[slice]:
+    # the code's poison loader: consecutive mini-batches in a fixed order, the last one smaller
+    if size is None or size >= count:
+        return [slice(None)]
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _exact_batches(
     model: nn.Module,
     params: Tree,
+    buffers: Tree,
+    target_grad: Tree,
+    x_poison: Tensor,
+    y_poison: Tensor,
+    chunks: list[slice],
+    ensemble: bool,
+    vectorise: bool,
+) -> tuple[Callable, Callable]:
+    # the full B's (gradient, value) and value over the restarts, one poison batch's graph at a time
+    count = len(x_poison)
+
+    def share(rows: slice, delta: Tensor, draws: Tensor | None) -> Tree:
+        # the batch's part of the poisons' mean gradient G (per member for an ensemble)
+        def one(p: Tree, b: Tree) -> Tree:
+            g = _poison_gradient(model, p, x_poison[rows], y_poison[rows], delta, b, draws)
+            weight = len(x_poison[rows]) / count
+            return {k: weight * v for k, v in g.items()}
+
+        return vmap(one)(params, buffers) if ensemble else one(params, buffers)
+
+    def cosine(g: Tree) -> Tensor:
+        return vmap(_cosine_loss)(g, target_grad).mean(0) if ensemble else _cosine_loss(g, target_grad)
+
+    def total(delta: Tensor, draws: Tensor | None) -> Tree:
+        shares = [share(rows, delta[rows], None if draws is None else draws[rows]) for rows in chunks]
+        return {k: sum(s[k] for s in shares) for k in shares[0]}
+
+    def restart(delta: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
+        g = {k: v.detach() for k, v in total(delta, draws).items()}  # pass 1: no double backward
+        slope, value = grad_and_value(cosine)(g)
+        pieces = []
+        for rows in chunks:  # pass 2: B's gradient reaches Δ_rows only through the batch's share
+
+            def pairing(d: Tensor, rows: slice = rows) -> Tensor:
+                part = share(rows, d, None if draws is None else draws[rows])
+                return sum((part[k] * slope[k]).sum() for k in slope)
+
+            pieces.append(grad(pairing)(delta[rows]))
+        return torch.cat(pieces), value  # the chunks are consecutive, in order
+
+    def restart_score(delta: Tensor) -> Tensor:
+        return cosine(total(delta, None))
+
+    if vectorise:
+        with_draws, without = vmap(restart), vmap(restart, in_dims=(0, None))
+
+        def step(deltas: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
+            return without(deltas, None) if draws is None else with_draws(deltas, draws)
+
+        return step, vmap(restart_score)
+
+    def looped(deltas: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = [restart(d, None if draws is None else draws[r]) for r, d in enumerate(deltas)]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+    return looped, lambda deltas: torch.stack([restart_score(d) for d in deltas])
+
+
+def brew(
+    model: nn.Module,
+    params: Tree | Victims,
     x_target: Tensor,
     y_adversarial: Tensor,
     x_poison: Tensor,
@@ -203,6 +311,8 @@ def brew(
     seed: int = 0,
     vectorise: bool = True,
     callback: Callable[[int, Tensor], None] | None = None,
+    poison_batch: int | None = None,
+    exact_batches: bool = False,
 ) -> Brew:
     """Algorithm 6.1 at the clean model ``(model, params)``: poisons for the base points
     ``x_poison`` (labels ``y_poison``, kept) so that their gradient aligns with the target's
@@ -215,40 +325,98 @@ def brew(
     projects (:func:`project`). ``callback(j, Δ)`` sees every restart's ``(R, P, ...)`` ``Δ`` after
     the initial projection (``j = 0``) and after step ``j``. With ``vectorise`` the restarts are one
     ``vmap``; otherwise a loop over them (same numbers up to rounding). Draws come from ``seed``.
+
+    An ensemble (thesis §6.3.3): ``params`` a :class:`Victims` (``model`` its ``net``, ``buffers``
+    unused) makes ``B`` the members' mean (:func:`ensemble_alignment_loss`, one ``vmap``). ``lr``
+    is not rescaled: the thesis code's signed-Adam step is ``τ·(pbatch/512)/ensemble``; pass that
+    to follow it.
+
+    ``poison_batch`` (the code's ``--pbatch``): the poisons in consecutive mini-batches of that
+    size; each batch's gradient is that of its own ``B`` (the cosine with the sum over the batch,
+    as the code computes it: not the full ``B``'s gradient unless one batch holds every poison),
+    the batches' gradients fill ``∂/∂Δ`` and one signed step follows. The autograd graph then holds
+    one batch at a time. ``initial``, ``final`` and ``history`` are the mean over the batches of
+    their ``B`` (the code's score; the full ``B`` with one batch). With ``exact_batches`` the batches
+    give the full ``B``'s gradient instead, in two passes: the poisons' gradient sum ``G`` batch by
+    batch (first order), then per batch the double backward of ``⟨∂B/∂G, G_batch⟩`` (``B``
+    depends on a batch's ``Δ`` only through its share of ``G``); scores are then the full ``B``.
     """
     eps = _check_eps(eps)
     restarts = setting("restarts", positive_int, restarts)
     steps = setting("steps", positive_int, steps)
     lr = setting("lr", positive_float, lr)
+    if poison_batch is not None:
+        poison_batch = setting("poison_batch", positive_int, poison_batch)
     if augmentation is not None and x_poison.dim() != 4:
         raise ConfigError("augmentation", f"augmentation needs images (P, C, H, W), got shape {tuple(x_poison.shape)}")
+    ensemble = isinstance(params, Victims)
+    if ensemble:
+        if buffers:
+            raise ConfigError("buffers", "an ensemble (Victims) carries its own buffers: pass buffers=None")
+        model, params, buffers = params.net, params.params, params.buffers
     buffers = buffers or {}
     g = torch.Generator().manual_seed(seed)
     dtype, device = x_poison.dtype, x_poison.device
+    chunks = _chunks(len(x_poison), poison_batch)
     training = model.training
     model.eval()  # the clean model is fixed: batch norm uses its running statistics, no dropout
     try:
-        target_grad = target_gradient(model, params, x_target, y_adversarial, buffers)
-
-        def loss(delta: Tensor, draws: Tensor | None) -> Tensor:
-            return alignment_loss(model, params, target_grad, x_poison, y_poison, delta, buffers, draws)
-
-        value_and_grad = grad_and_value(loss)
-        if vectorise:
-            with_draws, without = vmap(value_and_grad), vmap(value_and_grad, in_dims=(0, None))
-
-            def batched(deltas: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
-                return without(deltas, None) if draws is None else with_draws(deltas, draws)
-
-            batched_loss = vmap(loss, in_dims=(0, None))
+        if ensemble:
+            target_grad = ensemble_target_gradient(model, params, x_target, y_adversarial, buffers)
+            objective = ensemble_alignment_loss
         else:
+            target_grad = target_gradient(model, params, x_target, y_adversarial, buffers)
+            objective = alignment_loss
 
-            def batched(deltas: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
+        def batched_for(rows: slice) -> tuple[Callable, Callable]:
+            # the restarts' (gradient, value) and value of the poisons ``rows``' own B
+            x_rows, y_rows = x_poison[rows], y_poison[rows]
+
+            def loss(delta: Tensor, draws: Tensor | None) -> Tensor:
+                return objective(model, params, target_grad, x_rows, y_rows, delta, buffers, draws)
+
+            value_and_grad = grad_and_value(loss)
+            if vectorise:
+                with_draws, without = vmap(value_and_grad), vmap(value_and_grad, in_dims=(0, None))
+
+                def batched(deltas: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
+                    return without(deltas, None) if draws is None else with_draws(deltas, draws)
+
+                return batched, vmap(loss, in_dims=(0, None))
+
+            def looped(deltas: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
                 out = [value_and_grad(d, None if draws is None else draws[r]) for r, d in enumerate(deltas)]
                 return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
-            def batched_loss(deltas: Tensor, draws: None) -> Tensor:
+            def looped_loss(deltas: Tensor, draws: None) -> Tensor:
                 return torch.stack([loss(d, None) for d in deltas])
+
+            return looped, looped_loss
+
+        parts = [(rows, *batched_for(rows)) for rows in chunks]
+        exact = exact_batches and len(parts) > 1
+        if exact:
+            exact_step, exact_score = _exact_batches(
+                model, params, buffers, target_grad, x_poison, y_poison, chunks, ensemble, vectorise
+            )
+
+        def step_gradient(deltas: Tensor, draws: Tensor | None) -> tuple[Tensor, Tensor]:
+            if exact:
+                return exact_step(deltas, draws)
+            if len(parts) == 1:
+                return parts[0][1](deltas, draws)
+            gradient, values = torch.empty_like(deltas), []
+            for rows, batched, _ in parts:  # sequential: one batch's graph alive at a time
+                grad_rows, value = batched(deltas[:, rows], None if draws is None else draws[:, rows])
+                gradient[:, rows] = grad_rows
+                values.append(value)
+            return gradient, torch.stack(values).mean(0)
+
+        def score(deltas: Tensor) -> Tensor:
+            if exact:
+                return exact_score(deltas)
+            values = [batched_loss(deltas[:, rows], None) for rows, _, batched_loss in parts]
+            return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
         shape = (restarts, *x_poison.shape)
         init = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -257,7 +425,7 @@ def brew(
         optimiser = torch.optim.Adam([delta], lr=lr)
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, decay_milestones(steps), gamma=0.1)
         with torch.no_grad():
-            initial = batched_loss(delta.detach(), None)
+            initial = score(delta.detach())
         if callback is not None:
             callback(0, delta.detach())
         history = []
@@ -265,7 +433,7 @@ def brew(
             draws = None
             if augmentation is not None:
                 draws = augmentation.draw((restarts, len(x_poison)), g, dtype).to(device)
-            gradient, value = batched(delta.detach(), draws)
+            gradient, value = step_gradient(delta.detach(), draws)
             delta.grad = gradient.sign()  # signed Adam: Adam's moments of the gradient's sign
             optimiser.step()
             schedule.step()
@@ -275,7 +443,7 @@ def brew(
             if callback is not None:
                 callback(step, delta.detach())
         with torch.no_grad():
-            final = batched_loss(delta.detach(), None)
+            final = score(delta.detach())
     finally:
         model.train(training)
     best = int(final.argmin())
@@ -483,13 +651,22 @@ def attack_case(
     victim_augmentation: Augmentation | None = None,
     clean_control: bool = True,
     training: dict | None = None,
+    ensemble: int = 1,
+    poison_batch: int | None = None,
+    exact_batches: bool = False,
 ) -> CaseResult:
     """The thesis's protocol for one case: train the clean model (``model_seed``, default
     ``10_000 + seed``, apart from the victims' seeds: the attacker knows the architecture, not the
     initialisation), choose the case from ``seed`` (:func:`~bilevel_dist.recipes.security.data.choose_case`,
     unless given), brew (:func:`brew`), train a victim per seed on the poisoned set and, with
     ``clean_control``, on the clean set. ``training`` holds :func:`train_victims` settings shared
-    by the clean model and the victims. The settings are checked before any training."""
+    by the clean model and the victims. The settings are checked before any training.
+
+    ``ensemble`` > 1 brews on that many clean models (seeds ``model_seed + 1_000_003·k``, trained
+    together; member 0 is the single model's, and its test predictions choose the case); ``lr`` is
+    passed as given. ``augmentation`` (the brew's, differentiable) and ``victim_augmentation``
+    (the clean model's and the victims') need images ``(n, C, H, W)``. ``poison_batch`` and
+    ``exact_batches``: the brew's poison mini-batches."""
     eps = _check_eps(eps)
     setting("restarts", positive_int, restarts)
     setting("steps", positive_int, steps)
@@ -500,12 +677,20 @@ def attack_case(
         raise ConfigError(
             "target", f"the target index must lie in [0, {len(y_test)}) (the test set), got {case.target}"
         )
+    ensemble = setting("ensemble", positive_int, ensemble)
+    if poison_batch is not None:
+        setting("poison_batch", positive_int, poison_batch)
+    for key, value in (("augmentation", augmentation), ("victim_augmentation", victim_augmentation)):
+        if value is not None and x.dim() != 4:
+            raise ConfigError(key, f"augmentation needs images (n, C, H, W), got shape {tuple(x.shape)}")
     training = dict(training or {})
     seed_model = 10_000 + seed if model_seed is None else model_seed
-    clean_model = train_victims(model_factory, x, y, [seed_model], augmentation=victim_augmentation, **training)
+    seeds = [seed_model + 1_000_003 * k for k in range(ensemble)]
+    clean_model = train_victims(model_factory, x, y, seeds, augmentation=victim_augmentation, **training)
     if case is None:
         case = choose_case(y, y_test, clean_model.predict(x_test)[0], budget=budget, seed=seed)
-    params, buffers = clean_model.member(0)
+    # one model: its parameters as they are (today's path, bit for bit); more: the stacked ensemble
+    params, buffers = clean_model.member(0) if ensemble == 1 else (clean_model, None)
     result = brew(
         clean_model.net,
         params,
@@ -521,6 +706,8 @@ def attack_case(
         augmentation=augmentation,
         buffers=buffers,
         seed=seed,
+        poison_batch=poison_batch,
+        exact_batches=exact_batches,
     )
     unbounded = all(isinstance(b, float) and math.isinf(b) for b in box)
     poisoned_set = apply_poison(x, case.poisons, result.delta, None if unbounded else box)
