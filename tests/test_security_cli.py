@@ -13,7 +13,7 @@ import pytest
 from bilevel_dist.cli import main
 from bilevel_dist.recipes.security import attack_case, blobs
 from bilevel_dist.recipes.security.backdoor import BLOConfig, Setting, average, run_seed
-from bilevel_dist.recipes.security.module import mlp
+from bilevel_dist.recipes.security.networks import mlp
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "security"
 

@@ -17,38 +17,50 @@ test writes its CSV and PNG to the log directory and logs its summary metrics.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bilevel_dist._checks import ConfigError, positive_float, positive_int, setting
 from bilevel_dist.figures import log_image, pyplot
 from bilevel_dist.recipes.security import backdoor
 from bilevel_dist.recipes.security.data import BACKDOOR_DATASETS, DATASETS, backdoor_images, choose_case, load
-from bilevel_dist.recipes.security.witches_brew import CaseResult, attack_case, success_rate, train_victims
+from bilevel_dist.recipes.security.networks import NETWORKS, classifier
+from bilevel_dist.recipes.security.witches_brew import (
+    Augmentation,
+    CaseResult,
+    attack_case,
+    success_rate,
+    train_victims,
+)
 
 TRAINING_SETTINGS = {"epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones"}
 BLO_SETTINGS = set(backdoor.BLOConfig.__dataclass_fields__)
 
 
-def mlp(sizes: Sequence[int]) -> Callable[[], nn.Module]:
-    """A factory of ``Flatten``-``Linear``-``ReLU`` stacks of ``sizes`` (no ReLU after the last)."""
-
-    def factory() -> nn.Module:
-        layers: list[nn.Module] = [nn.Flatten()]
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
-
-    return factory
+def augmentation_setting(key: str, value: dict[str, Any] | None, integer: bool) -> Augmentation | None:
+    """``{shift, flip}`` as an :class:`~.witches_brew.Augmentation` (``None``: none); ``integer``
+    shifts are whole pixels (the victims' crops), otherwise resampled bilinearly (the brew's)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"give {{shift: ..., flip: ...}}, got {value!r}")
+    unknown = sorted(set(value) - {"shift", "flip"})
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", "augmentation takes shift and flip")
+    shift, flip = value.get("shift", 4 if integer else 1.0), value.get("flip", False)
+    if integer:
+        setting(f"{key}.shift", lambda k, v: positive_int(k, v, allow_zero=True), shift)
+    else:
+        setting(f"{key}.shift", lambda k, v: positive_float(k, v, allow_zero=True), shift)
+    if not isinstance(flip, bool):
+        raise ConfigError(f"{key}.flip", f"flip is true or false, got {flip!r}")
+    return Augmentation(float(shift), flip, integer=integer)
 
 
 class SecurityData(L.LightningDataModule):
@@ -117,8 +129,17 @@ class WitchesBrewAudit(_Audit):
         victim_seeds: the victims' seeds, overriding ``victims``: ``[3]`` is victim 3 of a full
             audit alone (the sweep of ``recipes/security/witches_brew_sweep.yaml`` runs one
             (case, victim seed) pair a trial; the pair's flips equal the full audit's).
-        restarts, steps, lr: the brew's restarts, signed-Adam steps and step (absolute; the toy's 0.4ε).
+        restarts, steps, lr: the brew's restarts, signed-Adam steps and step (absolute, not divided
+            by the ensemble size as the thesis's code does; the toy's 0.4ε).
+        network: the clean model's and the victims' architecture, ``mlp``, ``convnet`` (the
+            thesis's 6-layer ConvNet) or ``resnet18`` (CIFAR stem); the last two need images.
         widths: the MLP's hidden widths (input and class count come from the data).
+        ensemble: brew on this many clean models (alignment averaged over them in one ``vmap``).
+        poison_batch, exact_batches: the brew's poison mini-batches (:func:`~.witches_brew.brew`).
+        augment: the brew's differentiable augmentation, ``{shift: pixels, flip: bool}`` (images).
+        victim_augment: the clean model's and the victims' augmentation, ``{shift: whole pixels,
+            flip: bool}`` (random crops with zero padding and flips; images).
+        clean_control: also train every victim seed on the clean set (the control column).
         training: :func:`~.witches_brew.train_victims` settings shared by the clean model and the
             victims (``epochs``, ``lr``, ``batch_size``, ``momentum``, ``weight_decay``, ``milestones``).
         seed: the first case's seed.
@@ -143,7 +164,14 @@ class WitchesBrewAudit(_Audit):
         restarts: int = 4,
         steps: int = 250,
         lr: float = 0.4,
+        network: str = "mlp",
         widths: list[int] | None = None,
+        ensemble: int = 1,
+        poison_batch: int | None = None,
+        exact_batches: bool = False,
+        augment: dict[str, Any] | None = None,
+        victim_augment: dict[str, Any] | None = None,
+        clean_control: bool = True,
         training: dict[str, Any] | None = None,
         seed: int = 0,
         results_dir: str | None = None,
@@ -172,6 +200,17 @@ class WitchesBrewAudit(_Audit):
         self.widths = [128, 128] if widths is None else list(widths)
         for i, w in enumerate(self.widths):
             setting(f"widths.{i}", positive_int, w)
+        if network not in NETWORKS:
+            raise ConfigError("network", f"unknown network {network!r}; choose one of {list(NETWORKS)}")
+        self.network = network
+        self.ensemble = setting("ensemble", positive_int, ensemble)
+        self.poison_batch = None if poison_batch is None else setting("poison_batch", positive_int, poison_batch)
+        for key, value in (("exact_batches", exact_batches), ("clean_control", clean_control)):
+            if not isinstance(value, bool):
+                raise ConfigError(key, f"{key} is true or false, got {value!r}")
+        self.exact_batches, self.clean_control = exact_batches, clean_control
+        self.augmentation = augmentation_setting("augment", augment, integer=False)
+        self.victim_augmentation = augmentation_setting("victim_augment", victim_augment, integer=True)
         unknown = sorted(set(training or {}) - TRAINING_SETTINGS)
         if unknown:
             raise ConfigError(f"training.{unknown[0]}", f"training takes {sorted(TRAINING_SETTINGS)}")
@@ -191,38 +230,45 @@ class WitchesBrewAudit(_Audit):
         if target is not None and adversarial is not None and int(self.y_test[target]) == adversarial:
             raise ConfigError("adversarial", f"the adversarial class {adversarial} is target {target}'s own class")
         self.target, self.adversarial = target, adversarial
-        self.sizes = [self.x[0].numel(), *self.widths, self.classes]
+        for key in ("augment", "victim_augment"):
+            if (augment, victim_augment)[key == "victim_augment"] is not None and self.x.dim() != 4:
+                raise ConfigError(key, f"augmentation needs images, {dataset} holds vectors")
+        self.factory = classifier(network, self.x.shape[1:], self.classes, self.widths)
 
     def run_case(self, i: int) -> CaseResult:
         """Case ``i``: :func:`attack_case` with seed ``seed + i`` (a given target or adversarial
         class fixes the case, its poisons still drawn from that seed)."""
         seed = self.seed + i
         x, y, x_test, y_test = (t.to(self.device) for t in (self.x, self.y, self.x_test, self.y_test))
-        factory = mlp(self.sizes)
+        factory = self.factory
         case = None
         if self.target is not None or self.adversarial is not None:
             # the clean model attack_case will train (same seed): a drawn target must be one it gets right
-            clean = train_victims(factory, x, y, [10_000 + seed], **self.victim_training)
+            clean = train_victims(
+                factory, x, y, [10_000 + seed], augmentation=self.victim_augmentation, **self.victim_training
+            )
             predicted = clean.predict(x_test)[0]
             case = choose_case(y, y_test, predicted, self.budget, seed, self.target, self.adversarial, self.classes)
         return attack_case(
             factory, x, y, x_test, y_test, eps=self.eps, budget=self.budget, case=case, seed=seed,
             victim_seeds=self.victim_seeds, restarts=self.restarts, steps=self.steps, lr=self.lr, box=self.box,
-            training=self.victim_training,
+            training=self.victim_training, ensemble=self.ensemble, poison_batch=self.poison_batch,
+            exact_batches=self.exact_batches, augmentation=self.augmentation,
+            victim_augmentation=self.victim_augmentation, clean_control=self.clean_control,
         )  # fmt: skip
 
     def audit(self) -> None:
         results = [self.run_case(i) for i in range(self.cases)]
         poisoned = torch.stack([r.poisoned.cpu() for r in results])
-        clean = torch.stack([r.clean.cpu() for r in results])
         mean, se = success_rate(poisoned)
-        clean_mean, clean_se = success_rate(clean)
         accuracy = float(torch.stack([r.accuracy.cpu() for r in results]).mean())
-        self.results = {"cases": results, "success": (mean, se), "clean": (clean_mean, clean_se)}
-        for key, value in {
-            "test_success": mean, "test_success_se": se, "test_clean_success": clean_mean,
-            "test_clean_success_se": clean_se, "test_accuracy": accuracy,
-        }.items():  # fmt: skip
+        summary = {"test_success": mean, "test_success_se": se, "test_accuracy": accuracy}
+        clean = None
+        if self.clean_control:
+            clean = success_rate(torch.stack([r.clean.cpu() for r in results]))
+            summary.update(test_clean_success=clean[0], test_clean_success_se=clean[1])
+        self.results = {"cases": results, "success": (mean, se), "clean": clean}
+        for key, value in summary.items():
             self.log(key, value, batch_size=1, sync_dist=False)
         if self.trainer.is_global_zero:
             self.write(results, accuracy)
@@ -237,13 +283,13 @@ class WitchesBrewAudit(_Audit):
             for i, r in enumerate(results):
                 for v, victim in enumerate(self.victim_seeds):
                     writer.writerow([
-                        i, r.case.target, r.case.label, r.case.adversarial, victim, int(r.poisoned[v]), int(r.clean[v]),
+                        i, r.case.target, r.case.label, r.case.adversarial, victim, int(r.poisoned[v]),
+                        int(r.clean[v]) if self.clean_control else "",
                         f"{float(r.accuracy[v]):.4f}", f"{float(r.brew.final[r.brew.best]):.4f}",
                     ])  # fmt: skip
         figure = success_figure(results, out / "success.png")
         log_image(self.loggers, "success", figure)
         mean, se = self.results["success"]
-        clean_mean, clean_se = self.results["clean"]
         name = self.hparams["dataset"]
         lines = [
             f"Witches' Brew on {name}: ε {self.eps:g}, budget {self.budget:.1%}, {self.cases} case(s) × "
@@ -253,12 +299,17 @@ class WitchesBrewAudit(_Audit):
         for i, r in enumerate(results):
             lines.append(
                 f"  {i:>4} {r.case.target:>6} {r.case.label:>5} {r.case.adversarial:>3} "
-                f"{int(r.poisoned.sum()):>5}/{self.victims:<3} {int(r.clean.sum()):>2}/{self.victims:<3} "
-                f"{float(r.brew.final[r.brew.best]):>7.3f}"
+                f"{int(r.poisoned.sum()):>5}/{self.victims:<3} "
+                + (f"{int(r.clean.sum()):>2}/{self.victims:<3} " if self.clean_control else f"{'–':>6} ")
+                + f"{float(r.brew.final[r.brew.best]):>7.3f}"
             )
+        control = (
+            "no clean control"
+            if self.results["clean"] is None
+            else "{:.3f} ± {:.3f} (clean control)".format(*self.results["clean"])
+        )
         lines += [
-            f"  success {mean:.3f} ± {se:.3f} (poisoned), {clean_mean:.3f} ± {clean_se:.3f} (clean control); "
-            f"poisoned victims' test accuracy {accuracy:.3f}",
+            f"  success {mean:.3f} ± {se:.3f} (poisoned), {control}; poisoned victims' test accuracy {accuracy:.3f}",
             f"  wrote {out / 'success.csv'}, {figure}",
         ]
         rank_zero_info("\n".join(lines))
@@ -273,7 +324,9 @@ def success_figure(results: list[CaseResult], path: Path) -> Path:
     width = 0.38
     left.bar([c - width / 2 for c in cases], [float(r.poisoned.float().mean()) for r in results], width,
              label="poisoned")  # fmt: skip
-    left.bar([c + width / 2 for c in cases], [float(r.clean.float().mean()) for r in results], width, label="clean")
+    if all(len(r.clean) for r in results):
+        left.bar([c + width / 2 for c in cases], [float(r.clean.float().mean()) for r in results], width,
+                 label="clean")  # fmt: skip
     left.set_xticks(list(cases), [f"{r.case.target}: {r.case.label}→{r.case.adversarial}" for r in results],
                     fontsize=7)  # fmt: skip
     left.set_ylim(0, 1.05)
@@ -472,7 +525,6 @@ __all__ = [
     "SecurityData",
     "WitchesBrewAudit",
     "examples_figure",
-    "mlp",
     "success_figure",
     "success_table",
 ]

@@ -4,9 +4,12 @@ their victims train one after another (``train_victims(vectorise=False)``), as o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
+
+from bilevel_dist._checks import ConfigError
 
 NETWORKS = ("mlp", "convnet", "resnet18")
 
@@ -77,17 +80,34 @@ class ConvNet(nn.Module):
 
 
 def mlp(sizes: Sequence[int]) -> Callable[[], nn.Module]:
-    """A factory of ReLU MLPs ``sizes[0] → … → sizes[-1]`` (inputs flattened)."""
+    """A factory of ``Flatten``-``Linear``-``ReLU`` stacks of ``sizes`` (no ReLU after the last)."""
 
     def factory() -> nn.Module:
         layers: list[nn.Module] = [nn.Flatten()]
-        for i in range(len(sizes) - 1):
-            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
 
     return factory
+
+
+def classifier(network: str, shape: Sequence[int], classes: int, widths: Sequence[int] = (128, 128)) -> Callable:
+    """A factory of ``network`` for inputs of ``shape`` (one example's) and ``classes`` outputs:
+    ``mlp`` (hidden ``widths``), or ``convnet``/``resnet18`` for images ``(C, H, W)``."""
+    if network not in NETWORKS:
+        raise ConfigError("network", f"unknown network {network!r}; choose one of {list(NETWORKS)}")
+    if network == "mlp":
+        return mlp([math.prod(shape), *widths, classes])
+    if len(shape) != 3:
+        raise ConfigError("network", f"{network} needs images (C, H, W), the data are vectors of shape {tuple(shape)}")
+    channels, side = shape[0], shape[-1]
+    if network == "convnet":
+        if side < 9:
+            raise ConfigError("network", f"the ConvNet's two 3×3 max pools need images of at least 9×9, got {side}")
+        return lambda: ConvNet(classes, channels, side)
+    return lambda: ResNet18(classes, channels)
 
 
 def uses_batch_norm(factory: Callable[[], nn.Module]) -> bool:

@@ -512,7 +512,7 @@ def train_victims(
     weight_decay: float = 5e-4,
     milestones: Sequence[int] = (),
     augmentation: Augmentation | None = None,
-    vectorise: bool = True,
+    vectorise: bool | None = None,
 ) -> Victims:
     """One victim per seed, each trained from scratch on ``(x, y)``: its initialisation
     (``model_factory()`` under ``torch.manual_seed(seed)``, cast to ``x``'s dtype) and its data
@@ -528,6 +528,7 @@ def train_victims(
     With ``vectorise`` the victims train as one ``vmap`` over ``stack_module_state`` (models
     without running statistics updated in training, e.g. no batch norm); otherwise a loop over
     the victims with ``torch.optim.SGD`` (any module). Both give the same victims up to rounding.
+    ``None`` chooses: the loop for models with batch norm, the ``vmap`` otherwise.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -540,6 +541,8 @@ def train_victims(
     if augmentation is not None and x.dim() != 4:
         raise ConfigError("augmentation", f"augmentation needs images (n, C, H, W), got shape {tuple(x.shape)}")
     models = [_fresh(model_factory, s, x.dtype, x.device) for s in seeds]
+    if vectorise is None:
+        vectorise = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
     generators = [torch.Generator().manual_seed(s * 1_000_003 + 17) for s in seeds]
     n, drops = len(x), set(int(m) for m in milestones)
     starts = range(0, n, batch_size)
