@@ -17,6 +17,11 @@ test writes its CSV and PNG to the log directory and logs its summary metrics.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +78,8 @@ class SecurityData(L.LightningDataModule):
 
 class _Audit(L.LightningModule):
     """What both audits share: one dummy test batch (the audit runs once, in ``test_step``),
-    nothing to fit, and the output directory."""
+    nothing to fit, the output directory, and independent units (cases, seeds) sharded across
+    ranks and, with ``results_dir``, kept as they finish so that a killed audit resumes."""
 
     def __init__(self, results_dir: str | None = None) -> None:
         super().__init__()
@@ -100,6 +106,8 @@ class _Audit(L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         # Lightning tests under inference mode; the audit trains, so gradients back on
+        # every rank: the log directory is broadcast from rank 0 under DDP
+        self._out = Path(self.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         with torch.inference_mode(False), torch.enable_grad():
             self.audit()
 
@@ -107,9 +115,41 @@ class _Audit(L.LightningModule):
         raise NotImplementedError
 
     def out_dir(self) -> Path:
-        out = Path(self.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        return out
+        self._out.mkdir(parents=True, exist_ok=True)
+        return self._out
+
+    def run_units(self, count: int, run: Callable[[int], Any]) -> list[Any]:
+        """``[run(0), …, run(count − 1)]`` on every rank: rank ``r`` of ``W`` runs units ``r, r + W,
+        …`` (each unit is seeded on its own, so the split changes nothing), then one gather. With
+        ``results_dir`` each finished unit is saved there (``units/``, written whole or not at all,
+        keyed by the audit's settings) and a rerun with the same settings loads it instead."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        mine = {i: self._unit(i, run) for i in range(rank, count, world)}
+        if world > 1:
+            buffer = io.BytesIO()
+            torch.save(mine, buffer)
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, buffer.getvalue())
+            mine = {}
+            for part in parts:
+                mine.update(torch.load(io.BytesIO(part), map_location="cpu", weights_only=False))
+        return [mine[i] for i in range(count)]
+
+    def _unit(self, i: int, run: Callable[[int], Any]) -> Any:
+        if self.results_dir is None:
+            return run(i)
+        settings = json.dumps(dict(self.hparams), sort_keys=True, default=str)
+        key = hashlib.sha256(settings.encode()).hexdigest()[:16]
+        path = Path(self.results_dir) / "units" / f"{type(self).__name__}-{key}-{i}.pt"
+        if path.exists():
+            rank_zero_info(f"unit {i}: reusing {path}")
+            return torch.load(path, map_location="cpu", weights_only=False)  # the audit's own file
+        result = run(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(result, partial)
+        os.replace(partial, path)  # a kill leaves the old state or the new, never half a file
+        return result
 
 
 class WitchesBrewAudit(_Audit):
@@ -143,7 +183,8 @@ class WitchesBrewAudit(_Audit):
         training: :func:`~.witches_brew.train_victims` settings shared by the clean model and the
             victims (``epochs``, ``lr``, ``batch_size``, ``momentum``, ``weight_decay``, ``milestones``).
         seed: the first case's seed.
-        results_dir: where the test writes (default: the log directory).
+        results_dir: where the test writes (default: the log directory); given, finished cases are
+            kept there and a rerun with the same settings resumes from them. Ranks split the cases.
     """
 
     #: what ``test`` logs, for a ``bilevel-dist tune`` search with ``stage: test``
@@ -258,7 +299,7 @@ class WitchesBrewAudit(_Audit):
         )  # fmt: skip
 
     def audit(self) -> None:
-        results = [self.run_case(i) for i in range(self.cases)]
+        results = self.run_units(self.cases, self.run_case)
         poisoned = torch.stack([r.poisoned.cpu() for r in results])
         mean, se = success_rate(poisoned)
         accuracy = float(torch.stack([r.accuracy.cpu() for r in results]).mean())
@@ -403,6 +444,7 @@ class BackdoorAudit(_Audit):
         network: the reconstructor, ``mlp`` or ``cae`` (:class:`.backdoor.ConvAutoencoder`;
             ``channels`` its four convolutions' widths, default by image size).
         lr: the victims' (and the BLO surrogate's pretraining) Adam step.
+        results_dir: as :class:`WitchesBrewAudit`'s (finished seeds kept there; ranks split the seeds).
     """
 
     def __init__(
@@ -454,11 +496,14 @@ class BackdoorAudit(_Audit):
         self.data = backdoor_images(dataset, root)  # None for digits: run_seed splits them per seed
 
     def audit(self) -> None:
-        runs, shown = [], None
-        for seed in self.seeds:
-            result, victims = backdoor.run_seed(self.setting, seed, victims=True, data=self.data, device=self.device)
-            runs.append(result)
-            shown = shown or victims  # the figure shows the first seed
+        def run(j: int) -> tuple[dict, Any]:
+            result, victims = backdoor.run_seed(
+                self.setting, self.seeds[j], victims=True, data=self.data, device=self.device
+            )
+            return result, victims if j == 0 else None  # the figure shows the first seed
+
+        units = self.run_units(len(self.seeds), run)
+        runs, shown = [result for result, _ in units], units[0][1]
         mean = backdoor.average(runs)
         self.results = {"runs": runs, "mean": mean}
         for method, metrics in mean.items():
