@@ -447,6 +447,14 @@ class BackdoorAudit(_Audit):
         results_dir: as :class:`WitchesBrewAudit`'s (finished seeds kept there; ranks split the seeds).
     """
 
+    #: what ``test`` logs (mean over seeds), for a ``bilevel-dist tune`` search with ``stage: test``
+    test_metrics = tuple(
+        f"test_{method}_{metric}"
+        for method in ("clean", "heuristic", "blo")
+        for metric in ("benign", "attack", "artefact")
+        if (method, metric) != ("clean", "artefact")
+    )
+
     def __init__(
         self,
         seeds: list[int] | None = None,
