@@ -402,9 +402,10 @@ def test_toy_poisons_flip_the_target():
     lr 0.4ε; the clean model from seed 10 000, the victims from seeds 0–7. Measured: target 877
     (class 0 → 1); B from 0.70–0.79 at Δ_0 to 0.062–0.074, best 0.062; the target flips on 8/8
     poisoned victims and on 0/8 clean ones, the poisoned victims' test accuracy 0.685 (the
-    reference: 8/8 vs 0/8, best B 0.07–0.12). Data seeds 1–4 gave 8/8 vs 0/8 too (best B
-    0.062–0.116); ε = 0.5 gave 4, 4, 1 of 8 on seeds 0–2 and ε = 0.25 gave 0/8. About 8 s on one
-    thread."""
+    reference: 8/8 vs 0/8, best B 0.07–0.12). Data seeds 1–4 gave 8/8 poisoned too (best B
+    0.062–0.102), and 0/8 clean except seed 3's borderline target (3/8); ε = 0.5 gave 4, 0, 0 of 8
+    on seeds 0–2 and ε = 0.25 gave 0/8 (``python recipes/security/results.py toy`` and the
+    README's CLI commands). About 8 s on one thread."""
     x, y, x_test, y_test = blobs(0)
     result = attack_case(
         mlp((64, 128, 128, 10)), x, y, x_test, y_test, eps=1.0, budget=0.01, seed=0, restarts=4, steps=250, lr=0.4
