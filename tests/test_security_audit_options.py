@@ -4,32 +4,16 @@ settings; the image networks run the CIFAR-10 config on a tiny directory; bad va
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import pytest
 from test_denoising import write_cifar
+from test_security_cli import args, read
 
 from bilevel_dist.cli import main
 from bilevel_dist.recipes.security import attack_case, digits
 from bilevel_dist.recipes.security.networks import mlp
 from bilevel_dist.recipes.security.witches_brew import Augmentation
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "security"
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def args(config: str, root: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(RECIPES / config),
-        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root / "logs"), *extra,
-    ]  # fmt: skip
-
-
-def read(path: Path) -> list[dict[str, str]]:
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_audit_options_reach_attack_case(tmp_path):
