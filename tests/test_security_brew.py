@@ -5,6 +5,7 @@ restart selection, Remark 6.2's sanity case, and the CPU mechanism toy (Gaussian
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from bilevel_dist.recipes.security import (
     brew,
     choose_case,
     digits,
+    networks,
     success_rate,
     target_gradient,
     train_victims,
@@ -39,18 +41,7 @@ from bilevel_dist.recipes.security.witches_brew import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU, dtype: torch.dtype = torch.float32):
-    """A factory of ``Linear``-``activation`` stacks of ``sizes``."""
-
-    def factory() -> nn.Module:
-        layers: list[nn.Module] = [nn.Flatten()]
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b, dtype=dtype))
-            if i < len(sizes) - 2:
-                layers.append(activation())
-        return nn.Sequential(*layers)
-
-    return factory
+mlp = partial(networks.mlp, dtype=torch.float32)  # the tests' victims are built in float32
 
 
 # -- data and cases ------------------------------------------------------------------------------
@@ -139,14 +130,14 @@ def test_alignment_double_backward_passes_gradcheck():
     differences: float64, a 2-layer MLP 5-7-3 (tanh, smooth), 3 poisons, with and without the
     bilinear augmentation (4×4 images, fractional shifts and a flip)."""
     torch.manual_seed(0)
-    model = mlp((5, 7, 3), nn.Tanh, torch.float64)()
+    model = mlp((5, 7, 3), nn.Tanh, dtype=torch.float64)()
     theta = parameters(model)
     x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
     target = target_gradient(model, theta, torch.randn(1, 5), torch.tensor([1]))
     delta = (0.3 * torch.randn(3, 5)).requires_grad_()
     assert torch.autograd.gradcheck(lambda d: alignment_loss(model, theta, target, x, y, d), (delta,))
 
-    image_model = mlp((16, 7, 3), nn.Tanh, torch.float64)()
+    image_model = mlp((16, 7, 3), nn.Tanh, dtype=torch.float64)()
     theta = parameters(image_model)
     images = torch.rand(3, 1, 4, 4)
     target = target_gradient(image_model, theta, torch.rand(1, 1, 4, 4), torch.tensor([2]))
@@ -162,7 +153,7 @@ def test_remark_6_2_poison_equal_to_target_aligns_exactly():
     gradient the target's adversarial gradient: B = 0 (measured 0 to 1e-16), a minimum (its
     gradient vanishes), and B > 0 elsewhere (measured ≥ 1e-3 at 0.1 perturbations)."""
     torch.manual_seed(1)
-    model = mlp((6, 8, 4), nn.Tanh, torch.float64)()
+    model = mlp((6, 8, 4), nn.Tanh, dtype=torch.float64)()
     theta = parameters(model)
     x_target, adversarial = torch.randn(1, 6), torch.tensor([2])
     x_poison = torch.randn(1, 6)
@@ -242,7 +233,7 @@ def _small(seed: int = 0, poisons: int = 6):
     """float64 blobs in 5-D (3 classes), an MLP 5-7-3 (tanh) and ``poisons`` poisons of class 1."""
     x, y, x_test, y_test = blobs(seed, n_train=60, n_test=5, dim=5, classes=3, dtype=torch.float64)
     rows = (y == 1).nonzero().flatten()[:poisons]
-    return mlp((5, 7, 3), nn.Tanh, torch.float64), x, y, x_test[:1], torch.tensor([1]), x[rows], y[rows]
+    return mlp((5, 7, 3), nn.Tanh, dtype=torch.float64), x, y, x_test[:1], torch.tensor([1]), x[rows], y[rows]
 
 
 def test_ensemble_alignment_is_the_members_mean():

@@ -5,13 +5,13 @@ measured with torch 2.13 on CPU, one thread, float64 default dtype (the toy itse
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
-from torch import nn
 
 from bilevel_dist._checks import ConfigError
-from bilevel_dist.recipes.security import blobs, train_victims
+from bilevel_dist.recipes.security import blobs, networks, train_victims
 from bilevel_dist.recipes.security.defences import (
     defend_case,
     expected_random_removals,
@@ -25,18 +25,7 @@ from bilevel_dist.recipes.security.defences import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def mlp(sizes: tuple[int, ...], dtype: torch.dtype = torch.float32):
-    """A factory of ``Linear``-ReLU stacks of ``sizes`` (the brew tests' victim)."""
-
-    def factory() -> nn.Module:
-        layers: list[nn.Module] = [nn.Flatten()]
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b, dtype=dtype))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
-
-    return factory
+mlp = partial(networks.mlp, dtype=torch.float32)  # the brew tests' victims, built in float32
 
 
 # -- the filters -----------------------------------------------------------------------------------
@@ -99,8 +88,8 @@ def test_bad_validation_size_names_the_key(validation):
 
 def test_penultimate_is_the_last_layers_input():
     x, y, _, _ = blobs(0, n_train=100, n_test=10, dim=8, dtype=torch.float64)
-    victims = train_victims(mlp((8, 16, 12, 10), torch.float64), x, y, [1, 2], epochs=1)
-    net = mlp((8, 16, 12, 10), torch.float64)()
+    victims = train_victims(mlp((8, 16, 12, 10), dtype=torch.float64), x, y, [1, 2], epochs=1)
+    net = mlp((8, 16, 12, 10), dtype=torch.float64)()
     net.load_state_dict(victims.member(1)[0])
     features = penultimate(victims, x, member=1, batch_size=32)  # several batches
     assert features.shape == (100, 12)

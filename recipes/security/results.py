@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch import nn
 
-from bilevel_dist.recipes.security import attack_case, blobs, choose_case
+from bilevel_dist.recipes.security import attack_case, blobs, choose_case, networks
 from bilevel_dist.recipes.security.defences import defend_case, weight_auc
 from bilevel_dist.recipes.security.metapoison import metapoison, poisoning_problem, unrolled_gradient
 from bilevel_dist.recipes.security.penalty_poison import (
@@ -45,19 +46,7 @@ from bilevel_dist.recipes.security.penalty_poison import (
 from bilevel_dist.recipes.security.penalty_poison import toy as toy_data
 from bilevel_dist.recipes.security.witches_brew import apply_poison, flips, train_victims
 
-
-def mlp(sizes: tuple[int, ...], dtype: torch.dtype = torch.float32):
-    """The tests' victim: a factory of ``Linear``-ReLU stacks of ``sizes`` (float32)."""
-
-    def factory() -> nn.Module:
-        layers: list[nn.Module] = [nn.Flatten()]
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b, dtype=dtype))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
-
-    return factory
+mlp = partial(networks.mlp, dtype=torch.float32)  # the tests' victims, built in float32
 
 
 TOY_NET = (64, 128, 128, 10)

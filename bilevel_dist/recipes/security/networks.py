@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from bilevel_dist._checks import ConfigError
@@ -79,15 +80,18 @@ class ConvNet(nn.Module):
         return self.net(x)
 
 
-def mlp(sizes: Sequence[int]) -> Callable[[], nn.Module]:
-    """A factory of ``Flatten``-``Linear``-``ReLU`` stacks of ``sizes`` (no ReLU after the last)."""
+def mlp(
+    sizes: Sequence[int], activation: type[nn.Module] = nn.ReLU, dtype: torch.dtype | None = None
+) -> Callable[[], nn.Module]:
+    """A factory of ``Flatten``-``Linear``-``activation`` stacks of ``sizes`` (none after the last),
+    built in ``dtype`` (default: the default dtype; the initialisation draws depend on it)."""
 
     def factory() -> nn.Module:
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b))
+            layers.append(nn.Linear(a, b, dtype=dtype))
             if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
+                layers.append(activation())
         return nn.Sequential(*layers)
 
     return factory
